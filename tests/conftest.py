@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny CIFAR-10 in the real on-disk format, and a stand-in for clean-fid's Inception."""
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import custom_train  # noqa: E402
+
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_tiny_cifar10(data_dir: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """cifar-10-batches-py/ exactly as the real archive lays it out (pickled dicts with bytes keys),
+    with `per_batch` images per batch file. Images are class-dependent colour blobs plus noise, so a
+    model can tell classes apart. Returns the train images [N, 3, 32, 32] and labels."""
+    rng = np.random.default_rng(seed)
+    folder = data_dir / custom_train.CIFAR10_FOLDER
+    folder.mkdir(parents=True)
+    all_images, all_labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        base = np.stack([np.full((3, 32, 32), 25 * c, dtype=np.float64) for c in labels])
+        images = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels.tolist(),
+                         b"data": images.reshape(per_batch, -1), b"filenames": [b"x.png"] * per_batch}, f)
+        if name != "test_batch":
+            all_images.append(images)
+            all_labels.append(labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": per_batch,
+                     b"num_vis": 3072}, f)
+    return np.concatenate(all_images), np.concatenate(all_labels)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    data_dir = tmp_path / "data"
+    write_tiny_cifar10(data_dir)
+    return data_dir
+
+
+class StandInInception(torch.nn.Module):
+    """A small fixed random network with clean-fid's feature-extractor interface: [B, 3, 299, 299]
+    floats in [0, 255] -> [B, 8] features."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 7, stride=4)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.05)
+            self.conv.bias.zero_()
+
+    @torch.no_grad()
+    def forward(self, x):
+        return torch.tanh(self.conv(x / 255.0 - 0.5)).mean(dim=(2, 3))
+
+
+@pytest.fixture
+def stand_in_fid(monkeypatch, tmp_path):
+    """Route clean-fid's two downloads to local stand-ins: the Inception (through the feature-extractor
+    hook) and the CIFAR-10 train statistics (a file computed with the stand-in on the tiny train set,
+    returned in place of clean-fid's download). Yields the list of URLs clean-fid asked for."""
+    import cleanfid.features
+    from cleanfid.fid import get_model_features
+
+    extractor = StandInInception()
+    monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device: extractor)
+    requested = []
+    stats_path = tmp_path / "stand_in_stats.npz"
+
+    def fake_download(local_folder, url):
+        requested.append(url)
+        return str(stats_path)
+
+    monkeypatch.setattr(cleanfid.features, "check_download_url", fake_download)
+
+    def write_stats(images_nchw_uint8):
+        feats = get_model_features(lambda z: torch.from_numpy(images_nchw_uint8), extractor, mode="clean",
+                                   num_gen=len(images_nchw_uint8), batch_size=len(images_nchw_uint8),
+                                   device=torch.device("cpu"), z_dim=1, verbose=False)
+        np.savez(stats_path, mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+        return feats
+
+    return type("StandIn", (), dict(extractor=extractor, requested=requested, write_stats=staticmethod(write_stats)))

@@ -1,0 +1,188 @@
+"""Training and evaluation end to end at tiny scale: results files, exact resume, refusals, the
+non-finite guard, and the FID path through clean-fid's own code with a stand-in Inception."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import custom_train
+from conftest import write_tiny_cifar10
+from custom_train import HarnessError
+
+FAST = ["--scale", "tiny", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1",
+        "--sample-batch-size", "8", "--log-every", "2"]
+
+
+def run(tmp_path, data_dir, *extra, method="cross-attn"):
+    return custom_train.main(FAST + ["--method", method, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "runs"),
+                                     *map(str, extra)])
+
+
+def test_quantize_truncates_exactly_as_the_protocol():
+    x = torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0, -0.99])
+    expected = [0, 0, 127, 254, 255, 255, 1]  # 127.5 -> 127, 254.87 -> 254, 1.275 -> 1: truncation, not rounding
+    assert custom_train.quantize(x).tolist() == expected
+
+
+def test_ddim_is_the_protocol_sampler():
+    s = custom_train.ddim_scheduler(50)
+    assert s.timesteps.tolist() == list(range(980, -1, -20))
+    assert s.config.clip_sample and not s.config.set_alpha_to_one
+    assert s.config.beta_schedule == "linear" and s.config.beta_start == 1e-4 and s.config.beta_end == 2e-2
+
+
+def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
+    images, _, _ = custom_train.load_cifar10(cifar_dir)
+    stand_in_fid.write_stats(images)
+    results = run(tmp_path, cifar_dir, "--steps", 4, "--eval-every", 2, "--fid-samples", 8,
+                  "--final-fid-samples", 12, "--save-samples")
+    run_dir = tmp_path / "runs" / "tiny-cross-attn-s42"
+    assert stand_in_fid.requested and stand_in_fid.requested[0].endswith("/cifar10_clean_train_32.npz")
+
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert [e["step"] for e in saved["evals"]] == [2, 4, 4] and saved["evals"][-1]["eval"] == "final"
+    assert saved["best_fid"] == min(e["fid"] for e in saved["evals"][:2]) and saved["best_fid"] > 0
+    assert saved["best_fid_step"] in (2, 4) and np.isfinite(saved["fid"]) and saved["fid_samples"] == 12
+    assert saved["params"] == 615_619 and saved["budget"] == 646_399 and saved["steps"] == 4
+    assert {"torch", "diffusers", "clean_fid"} <= set(saved["versions"]) and saved["images_per_s"] > 0
+    assert "scale=tiny (protocol: small, medium or large)" in saved["protocol_deviations"]
+    assert "steps=4 (protocol: 35000)" in saved["protocol_deviations"]
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lr"] == 2e-4 and config["ema_decay"] == 0.9995 and config["precision"] == "fp32"
+    assert config["protocol_deviations"] == saved["protocol_deviations"]
+    assert "precision=fp32 (protocol: fp16)" in config["protocol_deviations"]
+
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    train_lines = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_lines] == [2, 4]
+    assert all(np.isfinite(r["loss"]) and r["lr"] == 2e-4 and r["grad_norm"] > 0 and r["images_per_s"] > 0
+               for r in train_lines)
+
+    samples = np.load(run_dir / "samples.npz")
+    assert samples["images"].shape == (12, 32, 32, 3) and samples["images"].dtype == np.uint8
+    assert samples["labels"].shape == (12,) and set(samples["labels"]) <= set(range(10))
+    grid = Image.open(run_dir / "grid_final.png")
+    assert grid.size == (80 + 32 * 2, 10 * 32 * 2)
+    assert (run_dir / "grid_step000002.png").exists() and (run_dir / "checkpoint.pt").exists()
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4 and {"model", "ema", "optimizer", "scaler", "rng"} <= set(ckpt)
+
+
+def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
+    """Scored through clean-fid (clean resize, hook extractor, Frechet distance): the training images
+    against statistics of themselves give ~0; noise images give a clearly positive distance."""
+    images, _, _ = custom_train.load_cifar10(cifar_dir)
+    stand_in_fid.write_stats(images)
+    fid = custom_train.CleanFID(torch.device("cpu"))
+    assert abs(fid(torch.from_numpy(images), batch_size=32)) < 1e-4  # 100 images, batches of 32: wrap-around too
+    noise = torch.randint(0, 256, (100, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert fid(noise, batch_size=32) > 0.01
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch):
+    """8 steps straight vs. 8 steps with a crash in step 7 and --resume from the step-4 checkpoint
+    (the step-6 log line of the crashed run must be dropped, not duplicated)."""
+    args = ["--steps", 8, "--ckpt-every", 4, "--fid", "off", "--ema-decay", "0.9"]
+    run(tmp_path / "straight", cifar_dir, *args)
+    straight = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+
+    real_scheduler = custom_train.ddpm_scheduler
+    calls = {"n": 0}
+
+    def crashing_scheduler():
+        s = real_scheduler()
+        add_noise = s.add_noise
+
+        def add_noise_then_crash(*a):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise KeyboardInterrupt  # the power goes out during step 7
+            return add_noise(*a)
+        s.add_noise = add_noise_then_crash
+        return s
+
+    monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing_scheduler)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "crashed", cifar_dir, *args)
+    run_dir = tmp_path / "crashed/runs/tiny-cross-attn-s42"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+    monkeypatch.setattr(custom_train, "ddpm_scheduler", real_scheduler)
+    run(tmp_path / "crashed", cifar_dir, *args, "--resume")
+    resumed = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+
+    assert resumed["step"] == straight["step"] == 8
+    for name in ("ema", "model"):
+        for key, value in straight[name].items():
+            assert torch.equal(value, resumed[name][key]), f"{name}.{key} differs after resume"
+
+    def log_without_timing(path):
+        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+                for line in path.read_text().splitlines()]
+    # the lines the crashed run wrote after its checkpoint are dropped, not duplicated
+    assert log_without_timing(run_dir / "log.jsonl") == log_without_timing(
+        tmp_path / "straight/runs/tiny-cross-attn-s42/log.jsonl")
+
+
+def test_refuses_to_overwrite_and_checks_resume_options(tmp_path, cifar_dir):
+    run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--ckpt-every", 1, "--run-name", "a")
+    with pytest.raises(HarnessError, match="holds a finished run"):
+        run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a")
+    assert run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a", "--resume")["steps"] == 2
+
+    (tmp_path / "runs/a/results.json").unlink()  # an unfinished run: a checkpoint, no results
+    before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
+    with pytest.raises(HarnessError, match="already holds a run's checkpoint; pass --resume"):
+        run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a")
+    with pytest.raises(HarnessError, match="was made with seed=42, not 7"):
+        run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a", "--resume", "--seed", 7)
+    assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cifar_dir, monkeypatch):
+    real_scheduler = custom_train.ddpm_scheduler
+    calls = {"n": 0}
+
+    def poisoned_scheduler():
+        s = real_scheduler()
+        add_noise = s.add_noise
+
+        def add_noise_nan_from_step_3(x, noise, t):
+            calls["n"] += 1
+            return add_noise(x, noise, t) * (float("nan") if calls["n"] >= 3 else 1.0)
+        s.add_noise = add_noise_nan_from_step_3
+        return s
+
+    monkeypatch.setattr(custom_train, "ddpm_scheduler", poisoned_scheduler)
+    with pytest.raises(HarnessError, match=r"the loss became non-finite \(nan\) between steps 2 and 4; the last good "
+                                           r"checkpoint is kept"):
+        run(tmp_path, cifar_dir, "--steps", 6, "--ckpt-every", 2, "--fid", "off")
+    ckpt = torch.load(tmp_path / "runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert not (tmp_path / "runs/tiny-cross-attn-s42/results.json").exists()
+
+
+def test_sampling_is_deterministic_and_label_dependent():
+    torch.manual_seed(0)
+    model = custom_train.build_model("tiny", "concat-film")
+    kw = dict(seed=1, tag="t", batch_size=4, ddim_steps=3, image_size=32, amp_dtype=None, device=torch.device("cpu"))
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    a = custom_train.sample(model, labels, **kw)
+    b = custom_train.sample(model, labels, **kw)
+    assert a.dtype == torch.uint8 and a.shape == (6, 3, 32, 32) and torch.equal(a, b)
+    assert not torch.equal(a, custom_train.sample(model, (labels + 1) % 10, **kw))
+
+
+@pytest.mark.parametrize("flag,message", [
+    (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--final-fid-samples", "-1"], "--final-fid-samples must be >= 0, got -1"),
+    (["--fid-samples", "1"], "FID needs at least 2 samples"),
+    (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1), got 1.5"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+])
+def test_bad_options_are_refused(tmp_path, flag, message):
+    with pytest.raises(HarnessError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        custom_train.main(["--scale", "tiny", "--out-dir", str(tmp_path)] + flag)
