@@ -137,6 +137,56 @@ class NoConditioner(nn.Module):
         return h
 
 
+class GroupNormFiLMBranch(nn.Module):
+    """The best published attempt: ``h + zero_conv1x1(SiLU((1 + gamma(c)) * GroupNorm32(h) + beta(c)))``,
+    gamma and beta from a zero-initialised Linear on SiLU(class_emb)."""
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(num_groups(channels), channels)
+        self.film = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(cond_dim, 2 * channels)))
+        self.out = zero_module(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, h: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(class_emb)[:, :, None, None].chunk(2, dim=1)
+        return h + self.out(F.silu((1 + gamma) * self.norm(h) + beta))
+
+
+class ClassFiLM(nn.Module):
+    """Ours: a bounded per-class FiLM of the block output, ``h * (1 + tanh(gamma(c))) + beta(c)``.
+
+    Why: the time path can only add a per-channel bias inside each ResBlock, and cross-attention
+    over one token is a per-class added vector; neither can scale features by class. AdaLN-Zero and
+    the GroupNorm branch can, but they start with a zero gate / zero output conv, so at
+    initialisation their modulation receives no gradient and is learned second-order (after the
+    gate opens). Here gamma and beta come from one zero-initialised Linear on SiLU(class_emb): the
+    module is exactly the identity at init, yet gamma and beta get a gradient from step 1. No
+    normalisation, so the block's activation statistics pass through untouched; tanh bounds the gain
+    to (0, 2) so nine stacked modulations cannot blow up (the failure of the self-gated attempt).
+    Parameters: D x 2C + 2C per site, a fraction of cross-attention's.
+    """
+
+    def __init__(self, channels: int, cond_dim: int):
+        super().__init__()
+        self.film = nn.Sequential(nn.SiLU(), zero_module(nn.Linear(cond_dim, 2 * channels)))
+
+    def forward(self, h: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.film(class_emb)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + torch.tanh(gamma)) + beta
+
+
+def add_unit_rms_class_to_time(time_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """Ours: add the class embedding rescaled to the time embedding's RMS, per sample.
+
+    Why: ``nn.Embedding`` starts at N(0, 1), so at initialisation the class term dominates the
+    sum with the time embedding (whose scale the tuned time MLP sets); the ResBlocks then see a
+    noisy timestep. Matching the RMS makes the two terms equal partners at every step of training,
+    whatever the embedding's scale drifts to; only its direction is learned. No parameters.
+    """
+    scale = time_emb.pow(2).mean(1, keepdim=True).sqrt() / class_emb.pow(2).mean(1, keepdim=True).add(1e-12).sqrt()
+    return time_emb + class_emb * scale
+
+
 # --------------------------------------------------------------------------------------------
 # The registry: one line per method.
 # --------------------------------------------------------------------------------------------
@@ -151,12 +201,27 @@ class Method:
 METHODS: dict[str, Method] = {
     "custom": Method(prepare_conditioning, ClassConditioner,
                      "yours: the editable prepare_conditioning / ClassConditioner at the top of conditioning.py"),
+    # The protocol's baselines.
     "concat-film": Method(add_class_to_time, NoConditioner,
                           "baseline: class embedding added to the time embedding; no post-block module"),
     "cross-attn": Method(time_only, CrossAttentionLayer,
                          "baseline: time path unconditional; zero-init cross-attention to the class token after every block"),
     "adanorm": Method(time_only, AdaLNBlock,
                       "baseline: time path unconditional; zero-init AdaLN (scale, shift, gate) after every block"),
+    # The published attempts (PROTOCOL.md): the bar, beside the baselines.
+    "gn-film-branch": Method(time_only, GroupNormFiLMBranch,
+                             "published: zero-init conv1x1 branch on SiLU(GroupNorm FiLM) after every block; "
+                             "time path unconditional"),
+    "concat-film+cross-attn": Method(add_class_to_time, CrossAttentionLayer,
+                                     "published: concat-film's time path plus cross-attn's post-block layer"),
+    # Our candidates (the reasoning is in the docstrings of ClassFiLM and add_unit_rms_class_to_time).
+    "class-film": Method(time_only, ClassFiLM,
+                         "ours: zero-init bounded FiLM h*(1+tanh(g(c)))+b(c) after every block; time path unconditional"),
+    "concat-class-film": Method(add_class_to_time, ClassFiLM,
+                                "ours: concat-film's time path plus the zero-init bounded class FiLM after every block"),
+    "rms-concat-film": Method(add_unit_rms_class_to_time, NoConditioner,
+                              "ours: class embedding rescaled to the time embedding's RMS, added to it; no post-block module"),
 }
 
 BASELINES = ("concat-film", "cross-attn", "adanorm")
+PUBLISHED = ("gn-film-branch", "concat-film+cross-attn")

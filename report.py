@@ -2,6 +2,11 @@
 
     python report.py scales --out-dir runs                 # best_fid per method x scale, as PROTOCOL.md lays it out
     python report.py scales --out-dir runs --write runs/results_table.md
+    python report.py proxy --out-dir runs/proxy            # digits proxy: mean ± std over seeds, vs the best baseline
+
+The proxy comparison tests each method against the best baseline with Welch's t-test (unequal
+variances): the 95% confidence interval of the difference of means; a difference "beyond noise" is
+one whose interval excludes 0.
 """
 from __future__ import annotations
 
@@ -53,6 +58,107 @@ def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCAL
     return "\n".join(lines) + "\n"
 
 
+BASELINES = ("concat-film", "cross-attn", "adanorm")
+PROXY_METRICS = {"proxy_fd": "lower", "class_acc": "higher"}  # metric -> which direction is better
+
+
+def welch_interval(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and its Welch confidence interval."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return statistics.fmean(a) - statistics.fmean(b), math.nan, math.nan
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return statistics.fmean(a) - statistics.fmean(b), float(ci.low), float(ci.high)
+
+
+def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list[dict]:
+    """One row per method: n, mean and std of each proxy metric, and for each metric the difference
+    from the best baseline (best by that metric's mean) with its 95% Welch interval and a verdict."""
+    runs = [r for r in runs if r.get("proxy_fd") is not None]
+    methods = methods or sorted({r["method"] for r in runs})
+    values = {m: {k: [r[k] for r in runs if r["method"] == m] for k in PROXY_METRICS} for m in methods}
+    values = {m: v for m, v in values.items() if v["proxy_fd"]}
+    rows = []
+    for method, vals in values.items():
+        row = dict(method=method, n=len(vals["proxy_fd"]), seeds=sorted(r["seed"] for r in runs if r["method"] == method))
+        for metric, better in PROXY_METRICS.items():
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(vals[metric])
+            present = [b for b in BASELINES if b in values]
+            if not present:
+                continue
+            pick = min if better == "lower" else max
+            best = pick(present, key=lambda b: statistics.fmean(values[b][metric]))
+            row[f"{metric}_baseline"] = best
+            if method == best:
+                row[f"{metric}_verdict"] = "best baseline"
+                continue
+            diff, low, high = welch_interval(vals[metric], values[best][metric])
+            row[f"{metric}_diff"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = diff, low, high
+            if not (low > 0 or high < 0):
+                verdict = "within noise"
+            elif (diff < 0) == (better == "lower"):
+                verdict = "better, beyond noise"
+            else:
+                verdict = "worse, beyond noise"
+            row[f"{metric}_verdict"] = verdict
+        rows.append(row)
+    return rows
+
+
+def proxy_markdown(rows: list[dict]) -> str:
+    head = ("| method | n | proxy_fd ↓ (mean ± std) | Δ vs best baseline [95% CI] | "
+            "class_acc ↑ (mean ± std) | Δ vs best baseline [95% CI] |")
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["method"], str(r["n"])]
+        for metric, digits in (("proxy_fd", 3), ("class_acc", 3)):
+            cells.append(f"{r[f'{metric}_mean']:.{digits}f} ± {r[f'{metric}_std']:.{digits}f}")
+            if f"{metric}_diff" in r:
+                cells.append(f"{r[f'{metric}_diff']:+.{digits}f} [{r[f'{metric}_ci_low']:+.{digits}f}, "
+                             f"{r[f'{metric}_ci_high']:+.{digits}f}] {r[f'{metric}_verdict']}")
+            else:
+                cells.append(r.get(f"{metric}_verdict", "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Δ: method minus the best baseline for that metric (by mean); 95% CI from Welch's t-test over seeds; "
+                 "\"beyond noise\" when the interval excludes 0.")
+    return "\n".join(lines) + "\n"
+
+
+def proxy_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "method", k != "n", k))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+
+
+def proxy_plot(rows: list[dict], runs: list[dict], path: Path) -> None:
+    """Mean ± std per method (error bars) with every seed as a dot, one panel per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(rows), 4))
+    for ax, (metric, better) in zip(axes, PROXY_METRICS.items()):
+        for i, r in enumerate(rows):
+            seeds = [x[metric] for x in runs if x["method"] == r["method"] and x.get(metric) is not None]
+            ax.errorbar(i, r[f"{metric}_mean"], yerr=r[f"{metric}_std"], fmt="o", capsize=5, color="C0")
+            ax.scatter([i + 0.15] * len(seeds), seeds, s=10, color="C1", alpha=0.7)
+        ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right")
+        ax.set_title(f"{metric} ({better} is better)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"digits proxy, mean ± std over seeds (n = {', '.join(sorted({str(r['n']) for r in rows}))})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,16 +168,34 @@ def main(argv=None) -> None:
     t.add_argument("--scales", nargs="*", default=list(SCALE_ORDER), help="columns, in this order")
     t.add_argument("--metric", default="best_fid", choices=["best_fid", "fid"], help="the number in each cell")
     t.add_argument("--write", default=None, help="also write the table to this file")
+    c = sub.add_parser("proxy", help="digits proxy comparison over seeds: markdown, CSV and a plot")
+    c.add_argument("--out-dir", default="runs/proxy", help="folder whose subfolders are digits run directories")
+    c.add_argument("--methods", nargs="*", default=None, help="rows, in this order (default: every method found)")
+    c.add_argument("--write-prefix", default=None,
+                   help="write PREFIX.md, PREFIX.csv and PREFIX.png (default: OUT_DIR/comparison)")
     args = p.parse_args(argv)
 
     runs = collect(Path(args.out_dir))
     if not runs:
         print(f"error: no finished runs (*/results.json) under {args.out_dir}", file=sys.stderr)
         sys.exit(1)
-    table = scales_table(runs, args.methods, args.scales, args.metric)
+    if args.command == "scales":
+        table = scales_table(runs, args.methods, args.scales, args.metric)
+        print(table, end="")
+        if args.write:
+            Path(args.write).write_text(table)
+        return
+    rows = proxy_comparison(runs, args.methods)
+    if not rows:
+        print(f"error: no digits proxy results (proxy_fd) under {args.out_dir}", file=sys.stderr)
+        sys.exit(1)
+    prefix = Path(args.write_prefix or Path(args.out_dir) / "comparison")
+    table = proxy_markdown(rows)
     print(table, end="")
-    if args.write:
-        Path(args.write).write_text(table)
+    prefix.with_suffix(".md").write_text(table)
+    proxy_csv(rows, prefix.with_suffix(".csv"))
+    proxy_plot(rows, [r for r in runs if r.get("proxy_fd") is not None], prefix.with_suffix(".png"))
+    print(f"written: {prefix}.md, {prefix}.csv, {prefix}.png")
 
 
 if __name__ == "__main__":

@@ -148,3 +148,59 @@ def test_list_methods_prints_every_method(capsys):
     custom_train.main(["--list-methods"])
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in out] == list(conditioning.METHODS)
+
+
+@pytest.mark.parametrize("method", [m for m in conditioning.METHODS if m not in ("custom",) + conditioning.BASELINES])
+@pytest.mark.parametrize("scale", ["small", "medium", "large"])
+def test_published_and_candidate_methods_fit_the_budget(method, scale):
+    params, budget = custom_train.params_and_budget(scale, method)
+    assert params <= budget
+
+
+@pytest.mark.parametrize("method,starts_as", [
+    ("gn-film-branch", None), ("class-film", None),                       # exactly the unconditional UNet
+    ("concat-film+cross-attn", "concat-film"), ("concat-class-film", "concat-film"),  # exactly concat-film
+])
+def test_post_block_modules_start_as_the_identity(method, starts_as):
+    torch.manual_seed(0)
+    model = custom_train.build_model("tiny", method).eval()
+    x, t, y = small_batch()
+    with torch.no_grad():
+        if starts_as is None:
+            expected = model.unet(x, t).sample
+        else:
+            reference = custom_train.build_model("tiny", starts_as).eval()
+            reference.unet.load_state_dict(model.unet.state_dict())
+            reference.class_embedding.load_state_dict(model.class_embedding.state_dict())
+            expected = reference(x, t, y)
+        assert torch.equal(model(x, t, y), expected)
+
+
+def test_class_film_gets_a_gradient_at_init_where_gated_branches_do_not():
+    """The reason for ClassFiLM: its modulation is trained from step 1, while the zero gate / zero
+    output conv of AdaLN and the GroupNorm branch leave their modulation without gradient at init."""
+    def modulation_grad(method, name):
+        torch.manual_seed(0)
+        model = custom_train.build_model("tiny", method)
+        x, t, y = small_batch()
+        model(x, t, y).square().mean().backward()
+        return model.down_cond[0].get_parameter(name).grad.abs().sum().item()
+
+    assert modulation_grad("class-film", "film.1.weight") > 0
+    assert modulation_grad("gn-film-branch", "film.1.weight") == 0
+    assert modulation_grad("adanorm", "modulation.1.weight") > 0  # only the gate rows ...
+    torch.manual_seed(0)
+    model = custom_train.build_model("tiny", "adanorm")
+    x, t, y = small_batch()
+    model(x, t, y).square().mean().backward()
+    grad = model.down_cond[0].modulation[1].weight.grad
+    assert grad[:2 * 16].abs().sum() == 0 and grad[2 * 16:].abs().sum() > 0  # ... scale and shift get none
+
+
+def test_rms_concat_matches_the_time_scale():
+    time_emb, class_emb = torch.randn(4, 64) * 0.1, torch.randn(4, 64) * 5
+    emb = conditioning.add_unit_rms_class_to_time(time_emb, class_emb)
+    added = emb - time_emb
+    torch.testing.assert_close(added.pow(2).mean(1), time_emb.pow(2).mean(1))
+    torch.testing.assert_close(torch.nn.functional.normalize(added, dim=1),
+                               torch.nn.functional.normalize(class_emb, dim=1))

@@ -78,9 +78,11 @@ def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
     images, _, _ = custom_train.load_cifar10(cifar_dir)
     stand_in_fid.write_stats(images)
     fid = custom_train.CleanFID(torch.device("cpu"))
-    assert abs(fid(torch.from_numpy(images), batch_size=32)) < 1e-4  # 100 images, batches of 32: wrap-around too
+    labels = torch.zeros(100, dtype=torch.long)  # FID ignores labels
+    same = fid(torch.from_numpy(images), labels, batch_size=32)  # 100 images, batches of 32: wrap-around too
+    assert abs(same["fid"]) < 1e-4 and same["fid_samples"] == 100
     noise = torch.randint(0, 256, (100, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    assert fid(noise, batch_size=32) > 0.01
+    assert fid(noise, labels, batch_size=32)["fid"] > 0.01
 
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch):

@@ -1,0 +1,158 @@
+"""The digits proxy: the split, the classifier's floor and cache, the metrics against hand-checked
+values, a digits run end to end, and the seed aggregation of the comparison."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import custom_train
+import proxy
+import report
+from conftest import ROOT
+
+
+def test_split_is_fixed_stratified_and_upsampled():
+    from sklearn.datasets import load_digits
+
+    train, train_labels, names = proxy.load_digits("train")
+    held, held_labels, _ = proxy.load_digits("held-out")
+    assert train.shape == (1437, 3, 16, 16) and held.shape == (360, 3, 16, 16) and train.dtype == np.uint8
+    assert names == [str(d) for d in range(10)]
+    assert np.array_equal(train[:, 0], train[:, 1]) and np.array_equal(train[:, 0], train[:, 2])
+    counts_train, counts_held = np.bincount(train_labels), np.bincount(held_labels)
+    assert np.all(np.abs(counts_held - 0.2 * (counts_train + counts_held)) <= 1)  # stratified 80/20
+    again, again_labels, _ = proxy.load_digits("train")
+    assert np.array_equal(train, again) and np.array_equal(train_labels, again_labels)
+    # the filter is what the docstring says: bilinear 8 -> 16 on [0, 1] values, then rounded to uint8
+    digits = load_digits()
+    match = np.where((digits.target == held_labels[0]))[0]
+    upsampled = [(F.interpolate(torch.from_numpy(digits.images[i] / 16.0).float()[None, None], size=(16, 16),
+                                mode="bilinear", align_corners=False)[0, 0] * 255).round().to(torch.uint8).numpy()
+                 for i in match]
+    assert any(np.array_equal(u, held[0, 0]) for u in upsampled)
+    # no image is in both splits
+    train_set = {img.tobytes() for img in train[:, 0]}
+    assert not any(img.tobytes() in train_set for img in held[:, 0])
+
+
+@pytest.fixture(scope="module")
+def metrics(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("cache")
+    m = proxy.ProxyMetrics(cache_dir)
+    m.cache_dir = cache_dir
+    return m
+
+
+def test_classifier_clears_the_floor_and_is_cached(metrics, tmp_path, monkeypatch):
+    assert metrics.accuracy >= proxy.ACCURACY_FLOOR
+    assert len(list(metrics.cache_dir.glob("digit_classifier_*.pt"))) == 1
+    monkeypatch.setattr(proxy, "train_classifier", lambda recipe: pytest.fail("retrained despite the cache"))
+    model, accuracy = proxy.load_classifier(metrics.cache_dir)
+    assert accuracy == metrics.accuracy
+    assert proxy.recipe_hash(dict(proxy.CLASSIFIER_RECIPE, epochs=29)) != proxy.recipe_hash(proxy.CLASSIFIER_RECIPE)
+
+
+def test_weak_classifier_is_refused(tmp_path):
+    weak = dict(proxy.CLASSIFIER_RECIPE, epochs=0)  # untrained: chance accuracy
+    with pytest.raises(proxy.ProxyError, match=r"reaches only 0\.\d+ held-out accuracy \(floor 0\.95\)"):
+        proxy.ProxyMetrics(tmp_path, recipe=weak)
+
+
+def test_feature_distance_hand_checked():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 5))
+    assert abs(proxy.feature_distance(a, a)) < 1e-6
+    shift = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
+    assert proxy.feature_distance(a + shift, a) == pytest.approx(shift @ shift, rel=1e-6)  # |d|^2
+    k = 2.0  # b = k a: |(1 - k) mu|^2 + (1 - k)^2 tr(Sigma)
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    assert proxy.feature_distance(k * a, a) == pytest.approx((1 - k) ** 2 * (mu @ mu + np.trace(sigma)), rel=1e-6)
+
+
+def test_metrics_on_real_held_out_images(metrics):
+    held, labels, _ = proxy.load_digits("held-out")
+    images, labels = torch.from_numpy(held), torch.from_numpy(labels)
+    right = metrics(images, labels)
+    assert right["class_acc"] == pytest.approx(metrics.accuracy) and abs(right["proxy_fd"]) < 1e-6
+    assert right["proxy_samples"] == 360
+    wrong = metrics(images, (labels + 1) % 10)
+    assert wrong["class_acc"] < 0.05
+    noise = torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert metrics(noise, labels)["proxy_fd"] > 10 * max(right["proxy_fd"], 1e-3)
+
+
+def test_balanced_labels():
+    assert np.bincount(proxy.balanced_labels(500).numpy()).tolist() == [50] * 10
+
+
+def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
+    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
+        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
+    results = custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
+                                 "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path),
+                                 "--method", "adanorm"])
+    run_dir = tmp_path / "digits-tiny-adanorm-s42"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["dataset"] == "digits" and saved["proxy_samples"] == 20 and 0 <= saved["class_acc"] <= 1
+    assert math.isfinite(saved["proxy_fd"]) and saved["fid"] is None and saved["steps"] == 3
+    assert "hflip=False (protocol: True)" in saved["protocol_deviations"]
+    assert "fid=proxy (protocol: clean)" in saved["protocol_deviations"]
+    samples = np.load(run_dir / "samples.npz")  # saved by default for digits
+    assert samples["images"].shape == (20, 16, 16, 3) and np.bincount(samples["labels"]).tolist() == [2] * 10
+    assert results["grid"] == "grid_final.png" and (run_dir / "grid_final.png").exists()
+
+
+def fake(out_dir, method, seed, proxy_fd, class_acc):
+    d = out_dir / f"digits-tiny-{method}-s{seed}"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(dict(method=method, seed=seed, scale="tiny", proxy_fd=proxy_fd,
+                                                    class_acc=class_acc)))
+
+
+def test_seed_aggregation_and_noise_verdicts(tmp_path):
+    from scipy import stats
+
+    base = {"concat-film": ([10.0, 11.0, 12.0], [0.70, 0.71, 0.72]),
+            "cross-attn": ([9.0, 10.0, 11.0], [0.85, 0.86, 0.87]),  # the best baseline on both metrics
+            "ours": ([5.0, 5.5, 6.0], [0.86, 0.84, 0.88])}          # fd clearly better; acc within noise
+    for method, (fds, accs) in base.items():
+        for seed, (fd, acc) in enumerate(zip(fds, accs)):
+            fake(tmp_path, method, seed, fd, acc)
+    rows = {r["method"]: r for r in report.proxy_comparison(report.collect(tmp_path))}
+    ours = rows["ours"]
+    assert ours["n"] == 3 and ours["seeds"] == [0, 1, 2]
+    assert ours["proxy_fd_mean"] == pytest.approx(5.5) and ours["proxy_fd_std"] == pytest.approx(0.5)
+    assert ours["proxy_fd_baseline"] == "cross-attn" and ours["proxy_fd_diff"] == pytest.approx(-4.5)
+    ci = stats.ttest_ind(base["ours"][0], base["cross-attn"][0], equal_var=False).confidence_interval(0.95)
+    assert (ours["proxy_fd_ci_low"], ours["proxy_fd_ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert ours["proxy_fd_verdict"] == "better, beyond noise"
+    assert ours["class_acc_verdict"] == "within noise"
+    assert rows["cross-attn"]["proxy_fd_verdict"] == "best baseline"
+    assert rows["concat-film"]["class_acc_verdict"] == "worse, beyond noise"
+
+    report.main(["proxy", "--out-dir", str(tmp_path)])
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| ours | 3 | 5.500 ± 0.500 | -4.500 [" in md and "better, beyond noise" in md
+    assert (tmp_path / "comparison.csv").read_text().startswith("method,n,")
+    assert (tmp_path / "comparison.png").stat().st_size > 1000
+
+
+def test_run_all_scales_proxy_mode(tmp_path):
+    """--proxy --seeds 2 runs each method at two seeds with the demo preset, then writes the comparison."""
+    env = dict(os.environ, OUT_DIR=str(tmp_path / "proxy"), PYTHON=sys.executable)
+    cmd = ["bash", str(ROOT / "run_all_scales.sh"), "--proxy", "--seeds", "2", "concat-film", "--", "--steps", "2",
+           "--batch-size", "8", "--final-fid-samples", "20", "--ddim-steps", "2", "--grid-per-class", "1",
+           "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "proxy").iterdir() if p.is_dir()) == [
+        "digits-tiny-concat-film-s42", "digits-tiny-concat-film-s43"]
+    assert "| concat-film | 2 |" in (tmp_path / "proxy/comparison.md").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--seeds", "zero"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds needs a positive integer" in bad.stderr
