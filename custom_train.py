@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
@@ -200,7 +201,8 @@ def load_cifar10(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.n
         except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad checksum a RuntimeError
             raise HarnessError(
                 f"CIFAR-10 is expected in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
-                f"run once with internet, or extract cifar-10-python.tar.gz from {CIFAR10_URL} into {data_dir}") from e
+                f"run once with internet (or `python custom_train.py --prefetch --data-dir {data_dir} --fid-cache DIR` "
+                f"on a machine that has it), or extract cifar-10-python.tar.gz from {CIFAR10_URL} into {data_dir}") from e
         if not folder.is_dir():
             raise HarnessError(f"the CIFAR-10 archive did not contain {CIFAR10_FOLDER}/; delete {data_dir} and retry")
 
@@ -288,17 +290,19 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
-           image_size: int, amp_dtype, device, desc: str = "sampling") -> torch.Tensor:
-    """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU.
+           image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1) -> torch.Tensor:
+    """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU (on every rank).
 
     Batch b's initial noise comes from its own generator (seed, tag, b), so the images depend on
-    neither the device's global RNG nor on how many batches came before."""
+    neither the device's global RNG nor on how many batches came before. With several processes,
+    rank r samples batches r, r + world, ... and the batches are gathered in order: the images are
+    the same whatever the number of processes."""
     scheduler = ddim_scheduler(ddim_steps)
     was_training = model.training
     model.eval()
-    out = []
-    batches = range(math.ceil(len(labels) / batch_size))
-    for b in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 2):
+    out = {}
+    batches = range(math.ceil(len(labels) / batch_size))[rank::world]
+    for b in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 2 or rank > 0):
         y = labels[b * batch_size:(b + 1) * batch_size].to(device)
         x = torch.randn((len(y), 3, image_size, image_size), device=device,
                         generator=generator(device, seed, tag, b))
@@ -306,9 +310,13 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 eps = model(x, t.to(device), y)
             x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
-        out.append(quantize(x).cpu())
+        out[b] = quantize(x).cpu()
     model.train(was_training)
-    return torch.cat(out)
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, out)
+        out = {b: images for shard in shards for b, images in shard.items()}
+    return torch.cat([out[b] for b in sorted(out)])
 
 
 def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
@@ -317,31 +325,117 @@ def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
                       for b in range(0, n, batch_size)])
 
 
-def load_fid_extractor(device):
-    """clean-fid's Inception (torchscript, downloaded by clean-fid on first use)."""
-    from cleanfid.features import build_feature_extractor
+INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's torchscript Inception
+FID_STATS_FILE = "cifar10_clean_train_32.npz"  # clean-fid's CIFAR-10 train statistics, "clean" mode, 32x32
+FID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/" + FID_STATS_FILE  # where clean-fid fetches them
 
-    return build_feature_extractor("clean", device=device, use_dataparallel=False)
+
+def load_fid_extractor(device, fid_cache: Path | None = None):
+    """clean-fid's Inception: from --fid-cache if given (never the network), else clean-fid's own
+    download-on-first-use."""
+    if fid_cache is None:
+        from cleanfid.features import build_feature_extractor
+
+        return build_feature_extractor("clean", device=device, use_dataparallel=False)
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    return InceptionV3W(str(fid_cache), download=False).to(device).eval()
+
+
+def missing_fid_assets(fid_cache: Path) -> list[Path]:
+    return [Path(fid_cache) / name for name in (INCEPTION_FILE, FID_STATS_FILE) if not (Path(fid_cache) / name).is_file()]
+
+
+def prefetch(data_dir: Path, fid_cache: Path) -> None:
+    """Download everything a run needs (CIFAR-10, the Inception weights, the reference statistics),
+    for machines that have internet; runs elsewhere then use --data-dir and --fid-cache."""
+    from cleanfid.downloads_helper import check_download_inception, check_download_url
+
+    load_cifar10(data_dir)
+    fid_cache.mkdir(parents=True, exist_ok=True)
+    for name, fetch in ((INCEPTION_FILE, lambda d: check_download_inception(fpath=str(d))),
+                        (FID_STATS_FILE, lambda d: check_download_url(local_folder=str(d), url=FID_STATS_URL))):
+        if (fid_cache / name).is_file():
+            continue
+        partial = fid_cache / f".partial-{os.getpid()}"  # clean-fid writes in place: download aside, then rename
+        partial.mkdir(exist_ok=True)
+        try:
+            fetch(partial)
+            os.replace(partial / name, fid_cache / name)
+        except OSError as e:
+            raise HarnessError(f"could not download {name} into {fid_cache} ({type(e).__name__}: {e})") from e
+        finally:
+            for leftover in partial.iterdir():
+                leftover.unlink()
+            partial.rmdir()
+    print(f"ready: {Path(data_dir) / CIFAR10_FOLDER}, {fid_cache / INCEPTION_FILE}, {fid_cache / FID_STATS_FILE}")
+
+
+def pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] interpolation matrix of PIL's bicubic resize (Resample.c: precompute_coeffs with the
+    a = -0.5 cubic, support widened by the scale when downsampling, each row normalised to sum 1)."""
+    def cubic(x, a=-0.5):
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
+    scale = in_size / out_size
+    filter_scale = max(scale, 1.0)
+    support = 2.0 * filter_scale
+    weights = np.zeros((out_size, in_size))
+    for out in range(out_size):
+        center = (out + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        row = np.array([cubic((i - center + 0.5) / filter_scale) for i in range(lo, hi)])
+        weights[out, lo:hi] = row / row.sum() if row.sum() != 0 else row
+    return weights
+
+
+def clean_resize_torch(images: torch.Tensor, size: int = 299) -> torch.Tensor:
+    """clean-fid's "clean" resize (PIL bicubic on float32 images, then clip to [0, 255]) as two matrix
+    products on the images' device: uint8 [N, 3, h, w] -> float32 [N, 3, size, size].
+
+    Like PIL: horizontal pass first, float64 accumulation, the intermediate image stored as float32."""
+    n, c, h, w = images.shape
+    wh = torch.from_numpy(pil_bicubic_weights(w, size)).to(images.device)
+    wv = torch.from_numpy(pil_bicubic_weights(h, size)).to(images.device)
+    x = images.double()
+    x = torch.einsum("nchw,ow->ncho", x, wh).float().double()  # horizontal, stored as float32 like PIL's 'F'
+    x = torch.einsum("ncho,ph->ncpo", x, wv).float()
+    return x.clamp(0, 255)
 
 
 class CleanFID:
     """FID exactly as clean-fid computes it for a generator: its "clean" resize (PIL bicubic on float
     images), its Inception features, its Frechet distance, against its CIFAR-10 train statistics at 32.
 
-    Built before training, so that a missing download fails in the first second, not after 35k steps."""
+    resize="torch" replaces clean-fid's per-image PIL resize by clean_resize_torch (equal within 1e-3,
+    tested) on the device; everything else is unchanged. Built before training, so that a missing
+    download fails in the first second, not after 35k steps."""
 
-    def __init__(self, device, dataset_name="cifar10", dataset_res=32, dataset_split="train"):
+    def __init__(self, device, fid_cache: Path | None = None, resize: str = "pil"):
         from cleanfid.features import get_reference_statistics
 
-        self.device = device
+        self.device, self.resize = device, resize
+        if fid_cache is not None:
+            missing = missing_fid_assets(fid_cache)
+            if missing:
+                raise HarnessError(f"--fid-cache {fid_cache} lacks {', '.join(str(m) for m in missing)}; on a machine "
+                                   f"with internet run `python custom_train.py --prefetch --fid-cache {fid_cache}` and "
+                                   f"copy the folder here")
+            stats = np.load(Path(fid_cache) / FID_STATS_FILE)
+            self.ref_mu, self.ref_sigma = stats["mu"], stats["sigma"]
+            self.extractor = load_fid_extractor(device, fid_cache)
+            return
         try:
-            self.ref_mu, self.ref_sigma = get_reference_statistics(dataset_name, dataset_res, mode="clean",
-                                                                   split=dataset_split)
+            self.ref_mu, self.ref_sigma = get_reference_statistics("cifar10", 32, mode="clean", split="train")
             self.extractor = load_fid_extractor(device)
         except (OSError, urllib.error.URLError) as e:
-            raise HarnessError(f"clean-fid could not fetch its Inception weights or the {dataset_name} reference "
-                               f"statistics ({type(e).__name__}: {e}); it downloads them on first use, so run once "
-                               f"with internet, or pass --fid off") from e
+            raise HarnessError(f"clean-fid could not fetch its Inception weights or the CIFAR-10 reference statistics "
+                               f"({type(e).__name__}: {e}); run `python custom_train.py --prefetch --fid-cache DIR` "
+                               f"on a machine with internet and pass --fid-cache DIR, or pass --fid off") from e
 
     primary = "fid"
 
@@ -350,19 +444,23 @@ class CleanFID:
         return random_labels(n, batch_size, seed, tag)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> dict:
+        """images: uint8 [N, 3, 32, 32] (labels are not used by FID)."""
         from cleanfid.fid import frechet_distance, get_model_features
 
         n = len(images)
-
-        def serve(z):  # clean-fid's generator hook: z's batch index -> our already sampled images
-            i = serve.calls * batch_size
-            serve.calls += 1
-            idx = torch.arange(i, i + batch_size) % n  # the last batch wraps; clean-fid drops the extra
-            return images[idx]
-        serve.calls = 0
-
-        feats = get_model_features(serve, self.extractor, mode="clean", num_gen=n, batch_size=batch_size,
-                                   device=self.device, z_dim=1, desc="FID features")
+        if self.resize == "torch":
+            with torch.no_grad():
+                feats = np.concatenate([
+                    self.extractor(clean_resize_torch(images[i:i + batch_size].to(self.device))).cpu().numpy()
+                    for i in tqdm(range(0, n, batch_size), desc="FID features", leave=False)])
+        else:
+            def serve(z):  # clean-fid's generator hook: its batch index -> our already sampled images
+                i = serve.calls * batch_size
+                serve.calls += 1
+                return images[torch.arange(i, i + batch_size) % n]  # the last batch wraps; clean-fid drops the extra
+            serve.calls = 0
+            feats = get_model_features(serve, self.extractor, mode="clean", num_gen=n, batch_size=batch_size,
+                                       device=self.device, z_dim=1, desc="FID features")
         mu, sigma = np.mean(feats, axis=0), np.cov(feats, rowvar=False)
         return dict(fid=float(frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)), fid_samples=n)
 
@@ -500,7 +598,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
     g.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
                    help="autocast dtype (fp16 uses a gradient scaler); default fp16 on CUDA, fp32 on CPU")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", default=None,
+                   help="torch device (default: cuda if available, else cpu; under torchrun each rank takes "
+                        "cuda:LOCAL_RANK, or gloo on CPU)")
+    g = p.add_argument_group("speed (same arithmetic up to rounding; recorded as speed_options)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model for training (falls back to eager with a message if it fails)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the UNet")
+    g.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions on CUDA")
+    g.add_argument("--fused-adam", action="store_true", help="fused AdamW kernel instead of the foreach one")
     g = p.add_argument_group("evaluation (protocol values by default)")
     g.add_argument("--fid", choices=["clean", "proxy", "off"], default=None,
                    help="clean: clean-fid vs CIFAR-10 train statistics at 32; proxy: proxy_fd and class_acc from "
@@ -512,6 +618,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="samples per evaluation during training (gives best_fid)")
     g.add_argument("--final-fid-samples", type=int, default=PROTOCOL["final_fid_samples"],
                    help="samples of the independent final evaluation (gives fid); 0 skips it")
+    g.add_argument("--fid-cache", type=Path, default=None,
+                   help="folder holding clean-fid's Inception weights and CIFAR-10 statistics (see --prefetch); "
+                        "runs given it never touch the network (default: clean-fid downloads on first use)")
+    g.add_argument("--fid-resize", choices=["auto", "pil", "torch"], default="auto",
+                   help="pil: clean-fid's per-image PIL resize; torch: the same bicubic as matrix products on the "
+                        "device (within 1e-3 of PIL, much faster); auto: torch on CUDA, pil elsewhere")
+    g.add_argument("--prefetch", action="store_true",
+                   help="download CIFAR-10 into --data-dir and the FID assets into --fid-cache, then exit")
     g.add_argument("--ddim-steps", type=int, default=PROTOCOL["ddim_steps"], help="DDIM sampling steps")
     g.add_argument("--sample-batch-size", type=int, default=500, help="images per sampling batch")
     g.add_argument("--grid-per-class", type=int, default=10, help="samples per class row in the grid PNGs")
@@ -537,6 +651,8 @@ def resolve_defaults(args) -> None:
     digits = args.dataset == "digits"
     args.fid = args.fid or ("proxy" if digits else "clean")
     args.save_samples = digits if args.save_samples is None else args.save_samples
+    if args.fid_resize == "auto":
+        args.fid_resize = "torch" if device.type == "cuda" else "pil"
     if digits and args.hflip:
         args.hflip = False  # a mirrored digit is not a digit (and no protocol applies to this dataset)
     if args.fid == "proxy" and not digits:
@@ -567,6 +683,25 @@ def protocol_deviations(args) -> list[str]:
     return deviations
 
 
+def init_distributed(args) -> tuple[int, int]:
+    """(rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain launch is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if args.batch_size % world:
+        raise HarnessError(f"the global --batch-size {args.batch_size} is not divisible by {world} processes")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def speed_options(args) -> list[str]:
+    """The options that change speed but not the protocol's arithmetic (beyond rounding)."""
+    return [name for name in ("compile", "channels_last", "tf32", "fused_adam") if getattr(args, name)]
+
+
 # --------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------
@@ -586,8 +721,27 @@ def main(argv=None) -> dict | None:
         print(json.dumps(result))
         return result
 
+    if args.prefetch:
+        if args.fid_cache is None:
+            raise HarnessError("--prefetch needs --fid-cache DIR: the folder that runs will be given")
+        prefetch(Path(args.data_dir), args.fid_cache)
+        return None
     resolve_defaults(args)
+    rank, world = init_distributed(args)
+    try:
+        return train(args, rank, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def train(args, rank: int, world: int) -> dict:
+    """One run: rank 0 writes every file; with several processes each takes a slice of every global
+    batch (the batch, its noise and its flips are drawn whole, so the run does not depend on world)."""
+    is_main = rank == 0
     device = torch.device(args.device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     run_dir = Path(args.out_dir) / args.run_name
     ckpt_path, results_path = run_dir / "checkpoint.pt", run_dir / "results.json"
     if results_path.exists():
@@ -617,19 +771,24 @@ def main(argv=None) -> dict | None:
     if len(images) < args.batch_size:
         raise HarnessError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
     batches_per_epoch = len(images) // args.batch_size  # the incomplete last batch of an epoch is dropped
-    try:
-        scorer = {"clean": lambda: CleanFID(device), "proxy": lambda: DigitsProxy(args.cache_dir, device),
-                  "off": lambda: None}[args.fid]()
-    except proxy.ProxyError as e:
-        raise HarnessError(str(e)) from e
+    per_rank = args.batch_size // world
+    scorer = None
+    if is_main and args.fid != "off":  # rank 0 scores the gathered samples
+        try:
+            scorer = CleanFID(device, args.fid_cache, args.fid_resize) if args.fid == "clean" else \
+                DigitsProxy(args.cache_dir, device)
+        except proxy.ProxyError as e:
+            raise HarnessError(str(e)) from e
 
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=args.weight_decay, foreach=True)  # CUDA's default, on CPU too
+                                  weight_decay=args.weight_decay,  # foreach: CUDA's default, on CPU too
+                                  **(dict(fused=True) if args.fused_adam else dict(foreach=True)))
     noise_scheduler = ddpm_scheduler()
 
-    config = {k: v for k, v in vars(args).items() if k not in ("list_methods", "count_params", "resume")}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+              if k not in ("list_methods", "count_params", "resume", "prefetch")}
     step, train_time, evals = 0, 0.0, []
     if resuming:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -645,41 +804,67 @@ def main(argv=None) -> dict | None:
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         step, train_time, evals = ckpt["step"], ckpt["train_time"], ckpt["evals"]
-        print(f"resumed {run_dir} at step {step}", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.update(params=params, budget=budget, protocol_deviations=protocol_deviations(args))
-    write_json(run_dir / "config.json", config)
+        if is_main:
+            print(f"resumed {run_dir} at step {step}", file=sys.stderr)
+    config.update(params=params, budget=budget, protocol_deviations=protocol_deviations(args),
+                  speed_options=speed_options(args), world_size=world)
     log_path = run_dir / "log.jsonl"
-    if resuming and log_path.exists():  # drop log lines written after the checkpoint we resume from
-        kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-        atomic_write(log_path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))
-    log_file = open(log_path, "a")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", config)
+        if resuming and log_path.exists():  # drop log lines written after the checkpoint we resume from
+            kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= step]
+            atomic_write(log_path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))
+    log_file = open(log_path, "a") if is_main else None
 
     def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if is_main:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
     def save_checkpoint():
-        state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                     scaler=scaler.state_dict(), step=step, rng=rng_states(), config=config,
-                     train_time=train_time, evals=evals)
-        atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        if is_main:
+            state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), step=step, rng=rng_states(), config=config,
+                         train_time=train_time, evals=evals)
+            atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        if world > 1:
+            dist.barrier()
+
+    # What the training step calls: the model, in channels_last, wrapped for DDP, compiled, as asked.
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:
+        try:
+            compiled = torch.compile(train_model)
+            probe = torch.zeros(per_rank, 3, args.image_size, args.image_size, device=device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                compiled(probe, torch.zeros(per_rank, dtype=torch.long, device=device),
+                         torch.zeros(per_rank, dtype=torch.long, device=device))  # compile now, not mid-run
+            train_model = compiled
+        except Exception as e:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  f"training eagerly", file=sys.stderr)
 
     def evaluate(tag: str, num_samples: int) -> dict:
         """Grid (always) and FID (if on) from the EMA weights, or the raw ones before --ema-eval-start."""
         net = ema if step >= args.ema_eval_start else model
         kw = dict(seed=args.seed, batch_size=args.sample_batch_size, ddim_steps=args.ddim_steps,
-                  image_size=args.image_size, amp_dtype=amp_dtype, device=device)
+                  image_size=args.image_size, amp_dtype=amp_dtype, device=device, rank=rank, world=world)
         grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class)
         grid = sample(net, grid_labels, tag="grid", desc="grid", **kw)  # the same noise at every evaluation
         grid_name = f"grid_{tag}.png"
-        save_grid(grid, class_names, args.grid_per_class, run_dir / grid_name)
+        if is_main:
+            save_grid(grid, class_names, args.grid_per_class, run_dir / grid_name)
         record = dict(step=step, eval=tag, weights="ema" if net is ema else "raw", grid=grid_name)
-        if scorer is not None and num_samples > 0:
-            sample_labels = scorer.labels(num_samples, args.sample_batch_size, args.seed, tag)
+        if args.fid != "off" and num_samples > 0:
+            labeller = CleanFID if args.fid == "clean" else DigitsProxy
+            sample_labels = labeller.labels(num_samples, args.sample_batch_size, args.seed, tag)
             images_out = sample(net, sample_labels, tag=tag, desc=f"sampling {num_samples}", **kw)
-            record.update(scorer(images_out, sample_labels))
-            if args.save_samples and tag == "final":
+            if is_main:
+                record.update(scorer(images_out, sample_labels))
+            if is_main and args.save_samples and tag == "final":
                 atomic_write(run_dir / "samples.npz", lambda f: np.savez_compressed(
                     f, images=images_out.permute(0, 2, 3, 1).numpy(), labels=sample_labels.numpy()))
         log(record)
@@ -687,7 +872,7 @@ def main(argv=None) -> dict | None:
 
     # The training loop.
     model.train()
-    pbar = tqdm(total=args.steps, initial=step, desc=run_dir.name, dynamic_ncols=True, unit="step")
+    pbar = tqdm(total=args.steps, initial=step, desc=run_dir.name, dynamic_ncols=True, unit="step", disable=not is_main)
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)
     interval_steps, interval_start = 0, time.perf_counter()
@@ -698,16 +883,22 @@ def main(argv=None) -> dict | None:
             order = epoch_order(args.seed, order_epoch, len(images)).to(device)
         idx = order[(step % batches_per_epoch) * args.batch_size:][:args.batch_size]
         step += 1
+        # The global batch's flips, timesteps and noise, drawn whole, then this rank's slice of them.
         rng = generator(device, args.seed, "train", step)
+        shape = (args.batch_size, 3, args.image_size, args.image_size)
+        flip = torch.rand(args.batch_size, device=device, generator=rng) < 0.5 if args.hflip else None
+        t = torch.randint(0, TRAIN_TIMESTEPS, (args.batch_size,), device=device, generator=rng)
+        noise = torch.randn(shape, device=device, generator=rng)
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        idx, t, noise = idx[mine], t[mine], noise[mine]
         x0 = images[idx].float() / 127.5 - 1
-        if args.hflip:
-            flip = torch.rand(len(idx), device=device, generator=rng) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        t = torch.randint(0, TRAIN_TIMESTEPS, (len(idx),), device=device, generator=rng)
-        noise = torch.randn(x0.shape, device=device, generator=rng)
+        if flip is not None:
+            x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
         xt = noise_scheduler.add_noise(x0, noise, t)
+        if args.channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = model(xt, t, labels[idx])
+            pred = train_model(xt, t, labels[idx])
         loss = F.mse_loss(pred.float(), noise)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -728,6 +919,9 @@ def main(argv=None) -> dict | None:
         if step % args.log_every == 0 or evaluating or checkpointing:
             elapsed = time.perf_counter() - interval_start
             train_time += elapsed
+            if world > 1:  # every rank sees the same mean loss, so all stop together on a non-finite one
+                dist.all_reduce(loss_sum)
+                loss_sum /= world
             mean_loss = (loss_sum / interval_steps).item()
             if not math.isfinite(mean_loss) and not scaler.is_enabled():
                 pbar.close()
@@ -749,6 +943,8 @@ def main(argv=None) -> dict | None:
 
     # The final, independent evaluation, then the results (written last, atomically).
     final = evaluate("final", args.final_fid_samples)
+    if not is_main:
+        return None
     primary = scorer.primary if scorer is not None else "fid"
     scored = [e for e in evals if primary in e]
     best = min(scored, key=lambda e: e[primary]) if scored else {}
@@ -758,6 +954,8 @@ def main(argv=None) -> dict | None:
     results.update({f"best_{primary}": best.get(primary), f"best_{primary}_step": best.get("step")})
     results.update({k: v for k, v in final.items() if k not in ("step", "eval", "weights", "grid")})
     results.update(
+        fid_resize=args.fid_resize if args.fid == "clean" else None, speed_options=config["speed_options"],
+        world_size=world,
         evals=evals + [final], grid=final["grid"], params=params, budget=budget, within_budget=params <= budget,
         steps=step, train_time_s=train_time, images_per_s=step * args.batch_size / max(train_time, 1e-9),
         protocol_deviations=config["protocol_deviations"],
