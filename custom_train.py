@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -623,7 +624,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "runs given it never touch the network (default: clean-fid downloads on first use)")
     g.add_argument("--fid-resize", choices=["auto", "pil", "torch"], default="auto",
                    help="pil: clean-fid's per-image PIL resize; torch: the same bicubic as matrix products on the "
-                        "device (within 1e-3 of PIL, much faster); auto: torch on CUDA, pil elsewhere")
+                        "device, in batches (within 1e-3 of PIL); auto: torch on CUDA, pil elsewhere")
     g.add_argument("--prefetch", action="store_true",
                    help="download CIFAR-10 into --data-dir and the FID assets into --fid-cache, then exit")
     g.add_argument("--ddim-steps", type=int, default=PROTOCOL["ddim_steps"], help="DDIM sampling steps")
@@ -681,6 +682,21 @@ def protocol_deviations(args) -> list[str]:
     deviations += [f"{name}={getattr(args, name)} (protocol: {value})"
                    for name, value in protocol.items() if getattr(args, name) != value]
     return deviations
+
+
+def train_step(train_model, xt, t, y, noise, optimizer, scaler, params, *, amp_dtype, grad_clip):
+    """Forward under autocast, epsilon MSE, backward, unscale, clip, step (the fp16 scaler skips the
+    step when the gradients overflowed). Returns the loss and the gradient norm, without a host sync."""
+    with torch.autocast(xt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        pred = train_model(xt, t, y)
+    loss = F.mse_loss(pred.float(), noise)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm
 
 
 def init_distributed(args) -> tuple[int, int]:
@@ -839,9 +855,11 @@ def train(args, rank: int, world: int) -> dict:
         try:
             compiled = torch.compile(train_model)
             probe = torch.zeros(per_rank, 3, args.image_size, args.image_size, device=device)
+            zeros = torch.zeros(per_rank, dtype=torch.long, device=device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                compiled(probe, torch.zeros(per_rank, dtype=torch.long, device=device),
-                         torch.zeros(per_rank, dtype=torch.long, device=device))  # compile now, not mid-run
+                out = compiled(probe, zeros, zeros)
+            out.float().sum().mul(0).backward()  # compile forward and backward now, not mid-run (and let DDP
+            model.zero_grad(set_to_none=True)    # finish its reduction); the zero gradients are dropped
             train_model = compiled
         except Exception as e:
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
@@ -897,17 +915,10 @@ def train(args, rank: int, world: int) -> dict:
         xt = noise_scheduler.add_noise(x0, noise, t)
         if args.channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = train_model(xt, t, labels[idx])
-        loss = F.mse_loss(pred.float(), noise)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(model_params, args.grad_clip)
-        scaler.step(optimizer)  # skips the step (fp16) when the gradients overflowed
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(train_model, xt, t, labels[idx], noise, optimizer, scaler, model_params,
+                                     amp_dtype=amp_dtype, grad_clip=args.grad_clip)
         torch._foreach_lerp_(ema_params, model_params, 1 - args.ema_decay)
-        loss_sum += loss.detach()
+        loss_sum += loss
         grad_norm_sum += grad_norm
         interval_steps += 1
         pbar.update(1)
@@ -948,7 +959,6 @@ def train(args, rank: int, world: int) -> dict:
     primary = scorer.primary if scorer is not None else "fid"
     scored = [e for e in evals if primary in e]
     best = min(scored, key=lambda e: e[primary]) if scored else {}
-    from importlib.metadata import version
     results = dict(scale=args.scale, method=args.method, dataset=args.dataset, seed=args.seed,
                    best_fid=None, best_fid_step=None, fid=None, fid_samples=None)
     results.update({f"best_{primary}": best.get(primary), f"best_{primary}_step": best.get("step")})
