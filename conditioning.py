@@ -182,6 +182,10 @@ def add_unit_rms_class_to_time(time_emb: torch.Tensor, class_emb: torch.Tensor) 
     sum with the time embedding (whose scale the tuned time MLP sets); the ResBlocks then see a
     noisy timestep. Matching the RMS makes the two terms equal partners at every step of training,
     whatever the embedding's scale drifts to; only its direction is learned. No parameters.
+
+    Measured on the digits proxy (README, 5 seeds): worse than concat-film beyond noise in class
+    accuracy (paired by seed). Early in training the time embedding is small (RMS 0.13 against
+    1.0), so matching it weakens the class signal about 7x exactly when the class is being learned.
     """
     scale = time_emb.pow(2).mean(1, keepdim=True).sqrt() / class_emb.pow(2).mean(1, keepdim=True).add(1e-12).sqrt()
     return time_emb + class_emb * scale
@@ -215,6 +219,7 @@ METHODS: dict[str, Method] = {
     "concat-film+cross-attn": Method(add_class_to_time, CrossAttentionLayer,
                                      "published: concat-film's time path plus cross-attn's post-block layer"),
     # Our candidates (the reasoning is in the docstrings of ClassFiLM and add_unit_rms_class_to_time).
+    # On the digits proxy none beats concat-film (README, "The comparison on the digits proxy").
     "class-film": Method(time_only, ClassFiLM,
                          "ours: zero-init bounded FiLM h*(1+tanh(g(c)))+b(c) after every block; time path unconditional"),
     "concat-class-film": Method(add_class_to_time, ClassFiLM,

@@ -11,7 +11,9 @@ diffusion and evaluation, checkpoints, command line, and then the training loop 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import math
@@ -19,7 +21,9 @@ import os
 import pickle
 import platform
 import random
+import shutil
 import sys
+import tempfile
 import time
 import urllib.error
 from dataclasses import dataclass
@@ -190,22 +194,45 @@ def check_method_contract(model: ConditionedUNet, method_name: str, device) -> N
 # Data: CIFAR-10 in its python-pickle layout, parsed with numpy, kept on the training device.
 # --------------------------------------------------------------------------------------------
 
+def download_cifar10(data_dir: Path) -> None:
+    """torchvision's download (md5-checked), extracted aside and renamed into place, so that an
+    interrupted extraction never leaves a half-filled cifar-10-batches-py/ behind."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    folder = data_dir / CIFAR10_FOLDER
+    print(f"CIFAR-10 not found in {folder}; downloading {CIFAR10_URL}", file=sys.stderr)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extracting-", dir=data_dir))
+    try:
+        download_and_extract_archive(CIFAR10_URL, download_root=str(data_dir), extract_root=str(staging), md5=CIFAR10_MD5)
+        if not (staging / CIFAR10_FOLDER).is_dir():
+            raise HarnessError(f"the CIFAR-10 archive did not contain {CIFAR10_FOLDER}/; delete {data_dir} and retry")
+        os.replace(staging / CIFAR10_FOLDER, folder)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad checksum a RuntimeError
+        raise HarnessError(
+            f"CIFAR-10 is expected in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
+            f"run once with internet (or `python custom_train.py --prefetch --data-dir {data_dir} --fid-cache DIR` "
+            f"on a machine that has it), or extract cifar-10-python.tar.gz from {CIFAR10_URL} into {data_dir}") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def download_lock(what: str):
+    """Hold an exclusive lock on this machine while fetching `what`: parallel runs
+    (run_all_scales.sh --gpus) and torchrun ranks that all find an asset missing download it once;
+    the others wait, then find it in place."""
+    with open(Path(tempfile.gettempdir()) / f"class-cond-ddpm-{what}-{os.getuid()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def load_cifar10(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """uint8 images [N, 3, 32, 32], int64 labels [N], class names. Downloads only if the folder is missing."""
     folder = Path(data_dir) / CIFAR10_FOLDER
-    if not folder.is_dir():
-        from torchvision.datasets.utils import download_and_extract_archive
-
-        print(f"CIFAR-10 not found in {folder}; downloading {CIFAR10_URL}", file=sys.stderr)
-        try:
-            download_and_extract_archive(CIFAR10_URL, download_root=str(data_dir), md5=CIFAR10_MD5)
-        except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad checksum a RuntimeError
-            raise HarnessError(
-                f"CIFAR-10 is expected in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
-                f"run once with internet (or `python custom_train.py --prefetch --data-dir {data_dir} --fid-cache DIR` "
-                f"on a machine that has it), or extract cifar-10-python.tar.gz from {CIFAR10_URL} into {data_dir}") from e
+    with download_lock("cifar10"):
         if not folder.is_dir():
-            raise HarnessError(f"the CIFAR-10 archive did not contain {CIFAR10_FOLDER}/; delete {data_dir} and retry")
+            download_cifar10(Path(data_dir))
 
     def read(name):
         path = folder / name
@@ -431,8 +458,9 @@ class CleanFID:
             self.extractor = load_fid_extractor(device, fid_cache)
             return
         try:
-            self.ref_mu, self.ref_sigma = get_reference_statistics("cifar10", 32, mode="clean", split="train")
-            self.extractor = load_fid_extractor(device)
+            with download_lock("clean-fid"):  # clean-fid writes its downloads in place: one process at a time
+                self.ref_mu, self.ref_sigma = get_reference_statistics("cifar10", 32, mode="clean", split="train")
+                self.extractor = load_fid_extractor(device)
         except (OSError, urllib.error.URLError) as e:
             raise HarnessError(f"clean-fid could not fetch its Inception weights or the CIFAR-10 reference statistics "
                                f"({type(e).__name__}: {e}); run `python custom_train.py --prefetch --fid-cache DIR` "

@@ -40,7 +40,7 @@ def format_cell(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
+        return f"{values[0]:.{digits}f} (n=1)"
     m, s = mean_std(values)
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})"
 
@@ -72,13 +72,37 @@ def welch_interval(a: list[float], b: list[float], confidence: float = 0.95) -> 
     return statistics.fmean(a) - statistics.fmean(b), float(ci.low), float(ci.high)
 
 
+def paired_interval(a: dict[int, float], b: dict[int, float], confidence: float = 0.95):
+    """mean over seeds of a[seed] - b[seed] and its paired-t confidence interval, or None unless both
+    have the same seeds (at least 2). Runs of one seed share their data order, training noise and
+    sampling noise across methods, so the per-seed difference cancels that shared luck."""
+    from scipy import stats
+
+    if sorted(a) != sorted(b) or len(a) < 2:
+        return None
+    seeds = sorted(a)
+    diffs = [a[s] - b[s] for s in seeds]
+    if max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(diffs[0])):  # the same difference at every seed
+        return diffs[0], diffs[0], diffs[0]
+    ci = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds]).confidence_interval(confidence)
+    return statistics.fmean(diffs), float(ci.low), float(ci.high)
+
+
+def noise_verdict(diff: float, low: float, high: float, better: str) -> str:
+    if not (low > 0 or high < 0):
+        return "within noise"
+    return "better, beyond noise" if (diff < 0) == (better == "lower") else "worse, beyond noise"
+
+
 def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list[dict]:
     """One row per method: n, mean and std of each proxy metric, and for each metric the difference
-    from the best baseline (best by that metric's mean) with its 95% Welch interval and a verdict."""
+    from the best baseline (best by that metric's mean) with its 95% Welch interval and a verdict,
+    and, where both ran the same seeds, the paired-by-seed interval and its verdict."""
     runs = [r for r in runs if r.get("proxy_fd") is not None]
     methods = methods or sorted({r["method"] for r in runs})
     values = {m: {k: [r[k] for r in runs if r["method"] == m] for k in PROXY_METRICS} for m in methods}
     values = {m: v for m, v in values.items() if v["proxy_fd"]}
+    by_seed = {m: {k: {r["seed"]: r[k] for r in runs if r["method"] == m} for k in PROXY_METRICS} for m in values}
     rows = []
     for method, vals in values.items():
         row = dict(method=method, n=len(vals["proxy_fd"]), seeds=sorted(r["seed"] for r in runs if r["method"] == method))
@@ -95,21 +119,19 @@ def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list
                 continue
             diff, low, high = welch_interval(vals[metric], values[best][metric])
             row[f"{metric}_diff"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = diff, low, high
-            if not (low > 0 or high < 0):
-                verdict = "within noise"
-            elif (diff < 0) == (better == "lower"):
-                verdict = "better, beyond noise"
-            else:
-                verdict = "worse, beyond noise"
-            row[f"{metric}_verdict"] = verdict
+            row[f"{metric}_verdict"] = noise_verdict(diff, low, high, better)
+            paired = paired_interval(by_seed[method][metric], by_seed[best][metric])
+            if paired:
+                row[f"{metric}_paired_ci_low"], row[f"{metric}_paired_ci_high"] = paired[1], paired[2]
+                row[f"{metric}_paired_verdict"] = noise_verdict(*paired, better)
         rows.append(row)
     return rows
 
 
 def proxy_markdown(rows: list[dict]) -> str:
-    head = ("| method | n | proxy_fd ↓ (mean ± std) | Δ vs best baseline [95% CI] | "
-            "class_acc ↑ (mean ± std) | Δ vs best baseline [95% CI] |")
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| method | n | proxy_fd ↓ (mean ± std) | Δ vs best baseline [Welch 95% CI] | paired by seed | "
+            "class_acc ↑ (mean ± std) | Δ vs best baseline [Welch 95% CI] | paired by seed |")
+    lines = [head, "|---" * 8 + "|"]
     for r in rows:
         cells = [r["method"], str(r["n"])]
         for metric, digits in (("proxy_fd", 3), ("class_acc", 3)):
@@ -119,10 +141,17 @@ def proxy_markdown(rows: list[dict]) -> str:
                              f"{r[f'{metric}_ci_high']:+.{digits}f}] {r[f'{metric}_verdict']}")
             else:
                 cells.append(r.get(f"{metric}_verdict", "-"))
+            if f"{metric}_paired_verdict" in r:
+                cells.append(f"[{r[f'{metric}_paired_ci_low']:+.{digits}f}, {r[f'{metric}_paired_ci_high']:+.{digits}f}] "
+                             f"{r[f'{metric}_paired_verdict']}")
+            else:
+                cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Δ: method minus the best baseline for that metric (by mean); 95% CI from Welch's t-test over seeds; "
-                 "\"beyond noise\" when the interval excludes 0.")
+    lines.append("Δ: method minus the best baseline for that metric (by mean); 95% CI from Welch's t-test over seeds "
+                 "(unequal variances); paired by seed: the 95% paired-t interval of the per-seed differences (runs "
+                 "of one seed share data order, noise and sampling labels across methods); \"beyond noise\" when "
+                 "the interval excludes 0.")
     return "\n".join(lines) + "\n"
 
 

@@ -1,35 +1,46 @@
 #!/usr/bin/env bash
-# Run every scale for each method, one run after another, then print and write the results table.
+# Run every scale for each method, then print and write the results table.
 #
 #   bash run_all_scales.sh                          # the three baselines at small, medium, large
 #   bash run_all_scales.sh custom adanorm           # these methods
 #   bash run_all_scales.sh --seeds 3 custom         # seeds 42, 43, 44; cells become mean ± std (n)
+#   bash run_all_scales.sh --gpus 0,1,2,3 --seeds 3 # 4 runs at a time, one per GPU
+#   bash run_all_scales.sh --gpus 0,1 --torchrun    # one run at a time on both GPUs (DDP, torchrun)
 #   bash run_all_scales.sh custom -- --fid-samples 10000   # extra custom_train.py options after --
 #   bash run_all_scales.sh --proxy --seeds 5        # CPU: every method on the digits proxy (--preset demo)
 #
 # Runs that finished (RUN/results.json) are skipped and interrupted ones resume from their
-# checkpoint, so re-running this script after a crash picks up where it stopped. With --proxy the
-# default methods are every registered one but custom, and the comparison (mean ± std, Welch 95%
-# intervals against the best baseline) is written as OUT_DIR/comparison.{md,csv,png}.
+# checkpoint, so re-running this script after a crash picks up where it stopped. Without --gpus
+# the runs go one after another on the default device. With --gpus each run sees only its GPU
+# (CUDA_VISIBLE_DEVICES) and a run's console output goes to OUT_DIR/logs/METHOD-SCALE-sSEED.log;
+# with --torchrun as well, every run uses all listed GPUs (global batch unchanged, see README).
+# With --proxy the default methods are every registered one but custom, and the comparison
+# (mean ± std, Welch 95% intervals against the best baseline) is written as OUT_DIR/comparison.{md,csv,png}.
 # Environment: SCALES (default "small medium large"), OUT_DIR (default runs, runs/proxy with --proxy),
 # PYTHON (default python).
 set -uo pipefail
 cd "$(dirname "$0")"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
 PYTHON=${PYTHON:-python}
 proxy=0
 num_seeds=1
+gpus=()
+torchrun=0
 methods=()
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --) shift; extra=("$@"); break ;;
     --proxy) proxy=1; shift ;;
+    --torchrun) torchrun=1; shift ;;
+    --gpus)
+      [[ "${2:-}" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: --gpus needs a comma-separated list of GPU ids like 0,1,2,3, got '${2:-}'" >&2; exit 2; }
+      IFS=, read -r -a gpus <<< "$2"; shift 2 ;;
     --seeds)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds needs a positive integer, got '${2:-}'" >&2; exit 2; }
       num_seeds=$2; shift 2 ;;
@@ -38,6 +49,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 seeds=($(seq 42 $((42 + num_seeds - 1))))
+if [[ $torchrun -eq 1 && ${#gpus[@]} -eq 0 ]]; then
+  echo "error: --torchrun needs --gpus LIST (the GPUs each run is spread over)" >&2; exit 2
+fi
 
 if [[ $proxy -eq 1 ]]; then
   OUT_DIR=${OUT_DIR:-runs/proxy}
@@ -53,18 +67,56 @@ else
   preset=()
 fi
 
-failed=()
+failed_list=$(mktemp)
+trap 'rm -f "$failed_list"' EXIT
+
+# One run: METHOD SCALE SEED [GPU list]. A failure is noted and the other runs go on.
+run_one() {
+  local method=$1 scale=$2 seed=$3 devices=${4:-}
+  local device=()
+  [[ -n $devices ]] && device=(--device cuda)  # a GPU that is not there is an error, not a CPU run
+  local train=(custom_train.py "${preset[@]}" --scale "$scale" --method "$method" --seed "$seed"
+               --out-dir "$OUT_DIR" --resume "${device[@]}" "${extra[@]}")
+  if [[ -z $devices ]]; then
+    "$PYTHON" "${train[@]}"
+  elif [[ $torchrun -eq 1 ]]; then
+    CUDA_VISIBLE_DEVICES=$devices "$PYTHON" -m torch.distributed.run --standalone \
+      --nproc_per_node "${#gpus[@]}" "${train[@]}"
+  else
+    CUDA_VISIBLE_DEVICES=$devices "$PYTHON" "${train[@]}" > "$OUT_DIR/logs/$method-$scale-s$seed.log" 2>&1
+  fi || echo "$method/$scale/s$seed" >> "$failed_list"
+}
+
+jobs_list=()
 for method in "${methods[@]}"; do
   for scale in "${scales[@]}"; do
     for seed in "${seeds[@]}"; do
-      echo "=== $method at $scale, seed $seed ==="
-      if ! "$PYTHON" custom_train.py "${preset[@]}" --scale "$scale" --method "$method" --seed "$seed" \
-           --out-dir "$OUT_DIR" --resume "${extra[@]}"; then
-        failed+=("$method/$scale/s$seed")
-      fi
+      jobs_list+=("$method $scale $seed")
     done
   done
 done
+
+if [[ ${#gpus[@]} -eq 0 || $torchrun -eq 1 ]]; then  # one run at a time
+  for job in "${jobs_list[@]}"; do
+    read -r method scale seed <<< "$job"
+    echo "=== $method at $scale, seed $seed ==="
+    run_one "$method" "$scale" "$seed" "$(IFS=,; echo "${gpus[*]}")"
+  done
+else  # one run per GPU at a time: a GPU's id goes back into the pool when its run ends
+  mkdir -p "$OUT_DIR/logs"
+  pool=$(mktemp -u); mkfifo "$pool"; exec 3<>"$pool"; rm "$pool"
+  for gpu in "${gpus[@]}"; do echo "$gpu" >&3; done
+  trap 'kill $(jobs -p) 2>/dev/null; rm -f "$failed_list"' EXIT
+  for job in "${jobs_list[@]}"; do
+    read -r gpu <&3
+    read -r method scale seed <<< "$job"
+    echo "=== $method at $scale, seed $seed: GPU $gpu (log: $OUT_DIR/logs/$method-$scale-s$seed.log) ==="
+    { run_one "$method" "$scale" "$seed" "$gpu"; echo "$gpu" >&3; } &
+  done
+  wait
+  trap 'rm -f "$failed_list"' EXIT
+fi
+mapfile -t failed < <(sort "$failed_list")  # parallel runs finish in any order
 
 if [[ $proxy -eq 1 ]]; then
   "$PYTHON" report.py proxy --out-dir "$OUT_DIR" --methods "${methods[@]}"

@@ -1,5 +1,6 @@
 """CIFAR-10 loading: the real pickle layout, the real download utility (served from loopback), and
 the errors a user sees when the data is missing or broken."""
+import concurrent.futures
 import functools
 import hashlib
 import http.server
@@ -68,16 +69,21 @@ def archive_server(tmp_path):
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(source / custom_train.CIFAR10_FOLDER, arcname=custom_train.CIFAR10_FOLDER)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.command)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(archive.parent)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/{archive.name}", hashlib.md5(archive.read_bytes()).hexdigest()
+    yield (f"http://127.0.0.1:{server.server_address[1]}/{archive.name}", hashlib.md5(archive.read_bytes()).hexdigest(),
+           requests)
     server.shutdown()
 
 
 def test_download_only_when_missing(tmp_path, monkeypatch, archive_server):
-    url, md5 = archive_server
+    url, md5, _ = archive_server
     monkeypatch.setattr(custom_train, "CIFAR10_URL", url)
     monkeypatch.setattr(custom_train, "CIFAR10_MD5", md5)
     data_dir = tmp_path / "data"
@@ -89,11 +95,29 @@ def test_download_only_when_missing(tmp_path, monkeypatch, archive_server):
 
 
 def test_bad_checksum_is_refused(tmp_path, monkeypatch, archive_server):
-    url, _ = archive_server
+    url, _, _ = archive_server
     monkeypatch.setattr(custom_train, "CIFAR10_URL", url)
     monkeypatch.setattr(custom_train, "CIFAR10_MD5", "0" * 32)
     with pytest.raises(HarnessError, match="could not be downloaded"):
         custom_train.load_cifar10(tmp_path / "data")
+    assert not (tmp_path / "data" / custom_train.CIFAR10_FOLDER).exists()  # nothing half-made left behind
+
+
+def test_parallel_first_runs_download_once(tmp_path, monkeypatch, archive_server):
+    """Four runs starting together on an empty data dir (run_all_scales.sh --gpus, torchrun ranks):
+    one download, and every run reads the complete data set."""
+    url, md5, requests = archive_server
+    monkeypatch.setattr(custom_train, "CIFAR10_URL", url)
+    monkeypatch.setattr(custom_train, "CIFAR10_MD5", md5)
+    custom_train.load_cifar10(tmp_path / "alone")
+    one_download = len(requests)  # torchvision's redirect probe, then the archive
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        loaded = list(pool.map(lambda _: custom_train.load_cifar10(tmp_path / "data"), range(4)))
+    assert len(requests) == 2 * one_download
+    for images, labels, _ in loaded:
+        assert images.shape == (100, 3, 32, 32)
+        np.testing.assert_array_equal(images, loaded[0][0])
+    assert [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")] == []  # staging removed
 
 
 def test_offline_and_missing_is_one_line(tmp_path, monkeypatch):

@@ -135,6 +135,23 @@ def test_seed_aggregation_and_noise_verdicts(tmp_path):
     assert ours["class_acc_verdict"] == "within noise"
     assert rows["cross-attn"]["proxy_fd_verdict"] == "best baseline"
     assert rows["concat-film"]["class_acc_verdict"] == "worse, beyond noise"
+    paired = stats.ttest_rel(base["ours"][1], base["cross-attn"][1]).confidence_interval(0.95)
+    assert (ours["class_acc_paired_ci_low"], ours["class_acc_paired_ci_high"]) == pytest.approx((paired.low, paired.high))
+    assert ours["class_acc_paired_verdict"] == "within noise"
+    # Seed-to-seed luck shared by both methods: unpaired it drowns a steady +0.01, paired it does not.
+    fake(tmp_path, "steady", 0, 9.0, 0.865)
+    fake(tmp_path, "steady", 1, 10.0, 0.868)
+    fake(tmp_path, "steady", 2, 11.0, 0.882)
+    steady = {r["method"]: r for r in report.proxy_comparison(report.collect(tmp_path))}["steady"]
+    assert steady["class_acc_verdict"] == "within noise"
+    assert steady["class_acc_paired_verdict"] == "better, beyond noise"
+    concat = rows["concat-film"]  # proxy_fd exactly 1 above cross-attn at every seed: a point, not an interval
+    assert concat["proxy_fd_paired_ci_low"] == concat["proxy_fd_paired_ci_high"] == 1.0
+    assert concat["proxy_fd_paired_verdict"] == "worse, beyond noise"
+    fake(tmp_path, "fewer-seeds", 0, 9.0, 0.9)
+    fake(tmp_path, "fewer-seeds", 1, 9.5, 0.91)
+    fewer = {r["method"]: r for r in report.proxy_comparison(report.collect(tmp_path))}["fewer-seeds"]
+    assert "class_acc_paired_verdict" not in fewer and "class_acc_verdict" in fewer  # seeds differ: no pairing
 
     report.main(["proxy", "--out-dir", str(tmp_path)])
     md = (tmp_path / "comparison.md").read_text()
