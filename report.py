@@ -3,6 +3,7 @@
     python report.py scales --out-dir runs                 # best_fid per method x scale, as PROTOCOL.md lays it out
     python report.py scales --out-dir runs --write runs/results_table.md
     python report.py proxy --out-dir runs/proxy            # digits proxy: mean ± std over seeds, vs the best baseline
+    python report.py proxy --out-dir runs/proxy --seeds 42 43 44 45 46   # only these seeds
 
 The proxy comparison tests each method against the best baseline with Welch's t-test (unequal
 variances): the 95% confidence interval of the difference of means; a difference "beyond noise" is
@@ -200,6 +201,8 @@ def main(argv=None) -> None:
     c = sub.add_parser("proxy", help="digits proxy comparison over seeds: markdown, CSV and a plot")
     c.add_argument("--out-dir", default="runs/proxy", help="folder whose subfolders are digits run directories")
     c.add_argument("--methods", nargs="*", default=None, help="rows, in this order (default: every method found)")
+    c.add_argument("--seeds", nargs="*", type=int, default=None,
+                   help="only runs of these seeds, e.g. --seeds 42 43 44 45 46 (default: every seed found)")
     c.add_argument("--write-prefix", default=None,
                    help="write PREFIX.md, PREFIX.csv and PREFIX.png (default: OUT_DIR/comparison)")
     args = p.parse_args(argv)
@@ -214,9 +217,12 @@ def main(argv=None) -> None:
         if args.write:
             Path(args.write).write_text(table)
         return
+    if args.seeds:
+        runs = [r for r in runs if r.get("seed") in args.seeds]
     rows = proxy_comparison(runs, args.methods)
     if not rows:
-        print(f"error: no digits proxy results (proxy_fd) under {args.out_dir}", file=sys.stderr)
+        print(f"error: no digits proxy results (proxy_fd) under {args.out_dir}"
+              + (f" for seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""), file=sys.stderr)
         sys.exit(1)
     prefix = Path(args.write_prefix or Path(args.out_dir) / "comparison")
     table = proxy_markdown(rows)

@@ -160,6 +160,7 @@ def test_published_and_candidate_methods_fit_the_budget(method, scale):
 @pytest.mark.parametrize("method,starts_as", [
     ("gn-film-branch", None), ("class-film", None),                       # exactly the unconditional UNet
     ("concat-film+cross-attn", "concat-film"), ("concat-class-film", "concat-film"),  # exactly concat-film
+    ("concat-film+class-tokens", "concat-film"), ("concat-film+class-tokens+gain", "concat-film"),
 ])
 def test_post_block_modules_start_as_the_identity(method, starts_as):
     torch.manual_seed(0)
@@ -204,3 +205,25 @@ def test_rms_concat_matches_the_time_scale():
     torch.testing.assert_close(added.pow(2).mean(1), time_emb.pow(2).mean(1))
     torch.testing.assert_close(torch.nn.functional.normalize(added, dim=1),
                                torch.nn.functional.normalize(class_emb, dim=1))
+
+
+def test_several_class_tokens_make_the_class_injection_depend_on_the_position():
+    """With one token the softmax is 1: cross-attention adds the same vector at every position and
+    its query gets no gradient. With several class tokens neither is true."""
+    def added_and_query_grad(layer):
+        torch.manual_seed(0)
+        torch.nn.init.normal_(layer.to_out.weight)  # open the zero-initialised output, as training does
+        h, class_emb = torch.randn(2, 32, 4, 4), torch.randn(2, 64)
+        added = layer(h, class_emb) - h
+        added.square().sum().backward()
+        # the query's gradient relative to the value's (one token: zero up to float rounding)
+        return added, layer.to_q.weight.grad.abs().sum().item() / layer.to_v.weight.grad.abs().sum().item()
+
+    torch.manual_seed(0)
+    added, query_grad = added_and_query_grad(conditioning.CrossAttentionLayer(32, 64))
+    torch.testing.assert_close(added, added[:, :, :1, :1].expand_as(added))  # one vector per sample
+    assert query_grad < 1e-6
+    torch.manual_seed(0)
+    added, query_grad = added_and_query_grad(conditioning.ClassTokenCrossAttention(32, 64))
+    assert (added - added[:, :, :1, :1]).abs().amax() > 1e-3  # differs across positions
+    assert query_grad > 1e-3

@@ -158,6 +158,12 @@ def test_seed_aggregation_and_noise_verdicts(tmp_path):
     assert "| ours | 3 | 5.500 ± 0.500 | -4.500 [" in md and "better, beyond noise" in md
     assert (tmp_path / "comparison.csv").read_text().startswith("method,n,")
     assert (tmp_path / "comparison.png").stat().st_size > 1000
+    # --seeds keeps only those seeds: the pairing then holds for methods that ran more seeds
+    report.main(["proxy", "--out-dir", str(tmp_path), "--seeds", "0", "1", "--write-prefix", str(tmp_path / "two")])
+    md = (tmp_path / "two.md").read_text()
+    assert "| ours | 2 | 5.250 ± 0.354 |" in md and "| fewer-seeds | 2 |" in md
+    with pytest.raises(SystemExit):
+        report.main(["proxy", "--out-dir", str(tmp_path), "--seeds", "7"])
 
 
 def test_run_all_scales_proxy_mode(tmp_path):
