@@ -161,6 +161,7 @@ def test_published_and_candidate_methods_fit_the_budget(method, scale):
     ("gn-film-branch", None), ("class-film", None),                       # exactly the unconditional UNet
     ("concat-film+cross-attn", "concat-film"), ("concat-class-film", "concat-film"),  # exactly concat-film
     ("concat-film+class-tokens", "concat-film"), ("concat-film+class-tokens+gain", "concat-film"),
+    ("concat-film+joint-attn+gain", "concat-film"), ("concat-film+content-gate", "concat-film"),
 ])
 def test_post_block_modules_start_as_the_identity(method, starts_as):
     torch.manual_seed(0)
@@ -227,3 +228,40 @@ def test_several_class_tokens_make_the_class_injection_depend_on_the_position():
     added, query_grad = added_and_query_grad(conditioning.ClassTokenCrossAttention(32, 64))
     assert (added - added[:, :, :1, :1]).abs().amax() > 1e-3  # differs across positions
     assert query_grad > 1e-3
+
+
+def test_joint_attention_lets_each_position_weigh_the_class_token(monkeypatch):
+    """In one softmax with the positions, the class token's share differs from position to position
+    (one-token cross-attention gives it weight 1 everywhere), and changing the class changes the
+    output through the token."""
+    torch.manual_seed(0)
+    layer = conditioning.JointAttentionWithGain(32, 64)
+    torch.nn.init.normal_(layer.to_out.weight)  # open the zero-initialised output, as training does
+    h, class_emb = torch.randn(2, 32, 4, 4), torch.randn(2, 64)
+    weights = {}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        weights["class"] = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)[..., -1]
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    out = layer(h, class_emb)
+    class_share = weights["class"]  # [B, heads, HW]
+    assert class_share.shape == (2, 4, 16)
+    assert (class_share.amax(-1) - class_share.amin(-1)).min() > 1e-3
+    assert (layer(h, class_emb.flip(0)) - out).abs().amax() > 1e-3
+
+
+def test_content_gate_depends_on_class_and_content():
+    torch.manual_seed(0)
+    gate = conditioning.ClassContentGate(32, 64)
+    torch.nn.init.normal_(gate.excite.weight, std=0.1)  # open the zero-initialised excitation
+    h, class_emb = torch.randn(2, 32, 4, 4), torch.randn(2, 64)
+    ratio = gate(h, class_emb) / h  # the per-channel gain, the same at every position
+    torch.testing.assert_close(ratio, ratio[:, :, :1, :1].expand_as(ratio))
+    assert ((ratio > 0) & (ratio < 2)).all()
+    other_class = gate(h, class_emb.flip(0)) / h
+    h2 = torch.randn_like(h)  # other content (not an affine map of h: GroupNorm would undo it)
+    other_content = gate(h2, class_emb) / h2
+    assert (other_class - ratio).abs().amax() > 1e-3 and (other_content - ratio).abs().amax() > 1e-3
