@@ -4,6 +4,8 @@
     python report.py scales --out-dir runs --write runs/results_table.md
     python report.py proxy --out-dir runs/proxy            # digits proxy: mean ± std over seeds, vs the best baseline
     python report.py proxy --out-dir runs/proxy --seeds 42 43 44 45 46   # only these seeds
+    python report.py rescore --out-dir runs/proxy --samples 3000   # score finished runs again, on more samples
+    python report.py proxy --out-dir runs/proxy --rescored 3000    # ... and compare those scores
 
 The proxy comparison tests each method against the best baseline with Welch's t-test (unequal
 variances): the 95% confidence interval of the difference of means; a difference "beyond noise" is
@@ -29,6 +31,53 @@ def collect(out_dir: Path) -> list[dict]:
         result["run_dir"] = str(path.parent)
         runs.append(result)
     return runs
+
+
+def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 500) -> dict:
+    """Score a finished digits run again: its final weights, `num_samples` fresh class-balanced DDIM
+    samples, the same proxy metrics. Written to RUN/rescore-N.json (atomically; an existing one is
+    returned, not redone).
+
+    Why: the run's own final evaluation uses 500 samples, whose class_acc has a binomial sd of about
+    0.011 per run, as large as the differences between methods. The samples' noise comes from
+    (seed, tag "rescoreN", batch), so it is new noise, and the same across methods of one seed."""
+    import torch
+
+    import custom_train
+
+    out = run_dir / f"rescore-{num_samples}.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    if not (run_dir / "results.json").exists():
+        raise custom_train.HarnessError(f"{run_dir} is not a finished run (no results.json); finish it first")
+    config = json.loads((run_dir / "config.json").read_text())
+    if config["dataset"] != "digits":
+        raise custom_train.HarnessError(f"{run_dir} is a {config['dataset']} run; rescore scores digits runs only")
+    ckpt = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    net = custom_train.build_model(config["scale"], config["method"], config["image_size"])
+    # the weights the run's final evaluation sampled from
+    weights = "ema" if ckpt["step"] >= config["ema_eval_start"] else "model"
+    net.load_state_dict(ckpt[weights])
+    labels = custom_train.DigitsProxy.labels(num_samples, batch_size, config["seed"], "rescore")
+    images = custom_train.sample(net, labels, seed=config["seed"], tag=f"rescore{num_samples}", batch_size=batch_size,
+                                 ddim_steps=config["ddim_steps"], image_size=config["image_size"],
+                                 amp_dtype=None, device=torch.device("cpu"), desc=f"{run_dir.name}: {num_samples}")
+    scores = custom_train.DigitsProxy(cache_dir, "cpu")(images, labels)
+    record = dict(method=config["method"], seed=config["seed"], scale=config["scale"], step=ckpt["step"],
+                  weights=weights, **scores)
+    custom_train.write_json(out, record)
+    return record
+
+
+def with_rescored(runs: list[dict], num_samples: int) -> list[dict]:
+    """The runs that have RUN/rescore-N.json, their proxy metrics replaced by the rescored ones."""
+    rescored = []
+    for r in runs:
+        path = Path(r["run_dir"]) / f"rescore-{num_samples}.json"
+        if path.exists():
+            scores = json.loads(path.read_text())
+            rescored.append(dict(r, **{k: scores[k] for k in ("proxy_fd", "class_acc", "proxy_samples")}))
+    return rescored
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -205,6 +254,15 @@ def main(argv=None) -> None:
                    help="only runs of these seeds, e.g. --seeds 42 43 44 45 46 (default: every seed found)")
     c.add_argument("--write-prefix", default=None,
                    help="write PREFIX.md, PREFIX.csv and PREFIX.png (default: OUT_DIR/comparison)")
+    c.add_argument("--rescored", type=int, default=None, metavar="N",
+                   help="compare the scores of `rescore --samples N` (RUN/rescore-N.json) instead of the runs' own")
+    r = sub.add_parser("rescore", help="score finished digits runs again on more samples (RUN/rescore-N.json)")
+    r.add_argument("--out-dir", default="runs/proxy", help="folder whose subfolders are digits run directories")
+    r.add_argument("--samples", type=int, required=True, help="class-balanced samples per run (a multiple of 10)")
+    r.add_argument("--methods", nargs="*", default=None, help="only runs of these methods (default: all)")
+    r.add_argument("--seeds", nargs="*", type=int, default=None, help="only runs of these seeds (default: all)")
+    r.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "class-cond-ddpm"),
+                   help="where the digits proxy classifier is cached (as custom_train.py --cache-dir)")
     args = p.parse_args(argv)
 
     runs = collect(Path(args.out_dir))
@@ -219,10 +277,28 @@ def main(argv=None) -> None:
         return
     if args.seeds:
         runs = [r for r in runs if r.get("seed") in args.seeds]
+    if args.command == "rescore":
+        if args.samples <= 0 or args.samples % 10:
+            print(f"error: --samples {args.samples}: give a positive multiple of 10 (class-balanced)", file=sys.stderr)
+            sys.exit(1)
+        runs = [r for r in runs if r.get("dataset") == "digits" and (not args.methods or r["method"] in args.methods)]
+        if not runs:
+            print(f"error: no finished digits runs under {args.out_dir} match the --methods/--seeds given",
+                  file=sys.stderr)
+            sys.exit(1)
+        for i, run in enumerate(runs):  # one after another: each sampling uses every core
+            scores = rescore(Path(run["run_dir"]), args.samples, Path(args.cache_dir))
+            print(f"[{i + 1}/{len(runs)}] {Path(run['run_dir']).name}: proxy_fd {scores['proxy_fd']:.3f}  "
+                  f"class_acc {scores['class_acc']:.4f}  ({scores['proxy_samples']} samples)", flush=True)
+        return
+    if args.rescored:
+        runs = with_rescored(runs, args.rescored)
     rows = proxy_comparison(runs, args.methods)
     if not rows:
         print(f"error: no digits proxy results (proxy_fd) under {args.out_dir}"
-              + (f" for seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""), file=sys.stderr)
+              + (f" for seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+              + (f" rescored on {args.rescored} samples (run `report.py rescore --samples {args.rescored}` first)"
+                 if args.rescored else ""), file=sys.stderr)
         sys.exit(1)
     prefix = Path(args.write_prefix or Path(args.out_dir) / "comparison")
     table = proxy_markdown(rows)
