@@ -48,8 +48,10 @@ def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 
     out = run_dir / f"rescore-{num_samples}.json"
     if out.exists():
         return json.loads(out.read_text())
-    if not (run_dir / "results.json").exists():
-        raise custom_train.HarnessError(f"{run_dir} is not a finished run (no results.json); finish it first")
+    for needed in ("results.json", "config.json", "checkpoint.pt"):
+        if not (run_dir / needed).exists():
+            raise custom_train.HarnessError(f"{run_dir} is not a finished run with its checkpoint (no {needed}); "
+                                            f"finish it with custom_train.py --resume first")
     config = json.loads((run_dir / "config.json").read_text())
     if config["dataset"] != "digits":
         raise custom_train.HarnessError(f"{run_dir} is a {config['dataset']} run; rescore scores digits runs only")
@@ -144,9 +146,9 @@ def noise_verdict(diff: float, low: float, high: float, better: str) -> str:
     return "better, beyond noise" if (diff < 0) == (better == "lower") else "worse, beyond noise"
 
 
-def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list[dict]:
+def proxy_comparison(runs: list[dict], methods: list[str] | None = None, confidence: float = 0.95) -> list[dict]:
     """One row per method: n, mean and std of each proxy metric, and for each metric the difference
-    from the best baseline (best by that metric's mean) with its 95% Welch interval and a verdict,
+    from the best baseline (best by that metric's mean) with its Welch interval and a verdict,
     and, where both ran the same seeds, the paired-by-seed interval and its verdict."""
     runs = [r for r in runs if r.get("proxy_fd") is not None]
     methods = methods or sorted({r["method"] for r in runs})
@@ -167,10 +169,10 @@ def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list
             if method == best:
                 row[f"{metric}_verdict"] = "best baseline"
                 continue
-            diff, low, high = welch_interval(vals[metric], values[best][metric])
+            diff, low, high = welch_interval(vals[metric], values[best][metric], confidence)
             row[f"{metric}_diff"], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = diff, low, high
             row[f"{metric}_verdict"] = noise_verdict(diff, low, high, better)
-            paired = paired_interval(by_seed[method][metric], by_seed[best][metric])
+            paired = paired_interval(by_seed[method][metric], by_seed[best][metric], confidence)
             if paired:
                 row[f"{metric}_paired_ci_low"], row[f"{metric}_paired_ci_high"] = paired[1], paired[2]
                 row[f"{metric}_paired_verdict"] = noise_verdict(*paired, better)
@@ -178,9 +180,10 @@ def proxy_comparison(runs: list[dict], methods: list[str] | None = None) -> list
     return rows
 
 
-def proxy_markdown(rows: list[dict]) -> str:
-    head = ("| method | n | proxy_fd ↓ (mean ± std) | Δ vs best baseline [Welch 95% CI] | paired by seed | "
-            "class_acc ↑ (mean ± std) | Δ vs best baseline [Welch 95% CI] | paired by seed |")
+def proxy_markdown(rows: list[dict], confidence: float = 0.95) -> str:
+    level = f"{100 * confidence:g}%"
+    head = (f"| method | n | proxy_fd ↓ (mean ± std) | Δ vs best baseline [Welch {level} CI] | paired by seed | "
+            f"class_acc ↑ (mean ± std) | Δ vs best baseline [Welch {level} CI] | paired by seed |")
     lines = [head, "|---" * 8 + "|"]
     for r in rows:
         cells = [r["method"], str(r["n"])]
@@ -198,8 +201,8 @@ def proxy_markdown(rows: list[dict]) -> str:
                 cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("Δ: method minus the best baseline for that metric (by mean); 95% CI from Welch's t-test over seeds "
-                 "(unequal variances); paired by seed: the 95% paired-t interval of the per-seed differences (runs "
+    lines.append(f"Δ: method minus the best baseline for that metric (by mean); {level} CI from Welch's t-test over seeds "
+                 f"(unequal variances); paired by seed: the {level} paired-t interval of the per-seed differences (runs "
                  "of one seed share data order, noise and sampling labels across methods); \"beyond noise\" when "
                  "the interval excludes 0.")
     return "\n".join(lines) + "\n"
@@ -254,6 +257,8 @@ def main(argv=None) -> None:
                    help="only runs of these seeds, e.g. --seeds 42 43 44 45 46 (default: every seed found)")
     c.add_argument("--write-prefix", default=None,
                    help="write PREFIX.md, PREFIX.csv and PREFIX.png (default: OUT_DIR/comparison)")
+    c.add_argument("--confidence", type=float, default=0.95,
+                   help="level of the intervals, e.g. 0.975 for a Bonferroni correction over two looks")
     c.add_argument("--rescored", type=int, default=None, metavar="N",
                    help="compare the scores of `rescore --samples N` (RUN/rescore-N.json) instead of the runs' own")
     r = sub.add_parser("rescore", help="score finished digits runs again on more samples (RUN/rescore-N.json)")
@@ -286,14 +291,24 @@ def main(argv=None) -> None:
             print(f"error: no finished digits runs under {args.out_dir} match the --methods/--seeds given",
                   file=sys.stderr)
             sys.exit(1)
+        import custom_train
+        import proxy
+
         for i, run in enumerate(runs):  # one after another: each sampling uses every core
-            scores = rescore(Path(run["run_dir"]), args.samples, Path(args.cache_dir))
+            try:
+                scores = rescore(Path(run["run_dir"]), args.samples, Path(args.cache_dir))
+            except (custom_train.HarnessError, proxy.ProxyError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
             print(f"[{i + 1}/{len(runs)}] {Path(run['run_dir']).name}: proxy_fd {scores['proxy_fd']:.3f}  "
                   f"class_acc {scores['class_acc']:.4f}  ({scores['proxy_samples']} samples)", flush=True)
         return
     if args.rescored:
         runs = with_rescored(runs, args.rescored)
-    rows = proxy_comparison(runs, args.methods)
+    if not 0 < args.confidence < 1:
+        print(f"error: --confidence {args.confidence}: give a level between 0 and 1, e.g. 0.95", file=sys.stderr)
+        sys.exit(1)
+    rows = proxy_comparison(runs, args.methods, args.confidence)
     if not rows:
         print(f"error: no digits proxy results (proxy_fd) under {args.out_dir}"
               + (f" for seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
@@ -301,7 +316,7 @@ def main(argv=None) -> None:
                  if args.rescored else ""), file=sys.stderr)
         sys.exit(1)
     prefix = Path(args.write_prefix or Path(args.out_dir) / "comparison")
-    table = proxy_markdown(rows)
+    table = proxy_markdown(rows, args.confidence)
     print(table, end="")
     prefix.with_suffix(".md").write_text(table)
     proxy_csv(rows, prefix.with_suffix(".csv"))

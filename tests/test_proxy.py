@@ -108,6 +108,47 @@ def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
     assert results["grid"] == "grid_final.png" and (run_dir / "grid_final.png").exists()
 
 
+def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_path, monkeypatch, metrics):
+    cached = type("Cached", (custom_train.DigitsProxy,), {
+        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)})
+    monkeypatch.setattr(custom_train, "DigitsProxy", cached)
+    custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
+                       "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film"])
+    run_dir = tmp_path / "digits-tiny-concat-film-s42"
+    own = json.loads((run_dir / "results.json").read_text())
+    # the reference: the checkpoint's EMA weights, sampled by hand
+    net = custom_train.build_model("tiny", "concat-film", 16)
+    net.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["ema"])
+    labels = proxy.balanced_labels(20)
+    by_hand = lambda tag: metrics(custom_train.sample(
+        net, labels, seed=42, tag=tag, batch_size=500, ddim_steps=2, image_size=16, amp_dtype=None,
+        device=torch.device("cpu")), labels)
+    assert by_hand("final")["class_acc"] == own["class_acc"]  # these are the weights the run scored
+    assert by_hand("final")["proxy_fd"] == pytest.approx(own["proxy_fd"], rel=1e-9)
+    record = report.rescore(run_dir, 20, tmp_path / "unused-cache")
+    expected = by_hand("rescore20")
+    assert record["proxy_fd"] == pytest.approx(expected["proxy_fd"], rel=1e-9)
+    assert record["class_acc"] == expected["class_acc"] and record["proxy_samples"] == 20
+    assert record["weights"] == "ema" and record["step"] == 3 and record["method"] == "concat-film"
+    assert record["proxy_fd"] != own["proxy_fd"]  # new noise, not the final evaluation's samples again
+    assert json.loads((run_dir / "rescore-20.json").read_text()) == record
+    # done once: a second call reads the file instead of sampling again
+    monkeypatch.setattr(custom_train, "sample", lambda *a, **k: pytest.fail("sampled again"))
+    assert report.rescore(run_dir, 20, tmp_path) == record
+    report.main(["rescore", "--out-dir", str(tmp_path), "--samples", "20"])  # the CLI skips it too
+    # proxy --rescored compares the rescored numbers
+    report.main(["proxy", "--out-dir", str(tmp_path), "--rescored", "20", "--write-prefix", str(tmp_path / "r")])
+    assert f"| concat-film | 1 | {record['proxy_fd']:.3f} ± 0.000 |" in (tmp_path / "r.md").read_text()
+    with pytest.raises(SystemExit):  # nothing rescored on 40 samples
+        report.main(["proxy", "--out-dir", str(tmp_path), "--rescored", "40"])
+    with pytest.raises(SystemExit):  # not class-balanced
+        report.main(["rescore", "--out-dir", str(tmp_path), "--samples", "25"])
+    (run_dir / "results.json").rename(run_dir / "results.json.away")
+    with pytest.raises(custom_train.HarnessError, match=r"not a finished run with its checkpoint \(no results.json\)"):
+        report.rescore(run_dir, 30, tmp_path)
+    assert not (run_dir / "rescore-30.json").exists()
+
+
 def fake(out_dir, method, seed, proxy_fd, class_acc):
     d = out_dir / f"digits-tiny-{method}-s{seed}"
     d.mkdir(parents=True)
@@ -138,6 +179,10 @@ def test_seed_aggregation_and_noise_verdicts(tmp_path):
     paired = stats.ttest_rel(base["ours"][1], base["cross-attn"][1]).confidence_interval(0.95)
     assert (ours["class_acc_paired_ci_low"], ours["class_acc_paired_ci_high"]) == pytest.approx((paired.low, paired.high))
     assert ours["class_acc_paired_verdict"] == "within noise"
+    wider = {r["method"]: r for r in report.proxy_comparison(report.collect(tmp_path), confidence=0.975)}["ours"]
+    ci = stats.ttest_ind(base["ours"][0], base["cross-attn"][0], equal_var=False).confidence_interval(0.975)
+    assert (wider["proxy_fd_ci_low"], wider["proxy_fd_ci_high"]) == pytest.approx((ci.low, ci.high))
+    assert wider["proxy_fd_ci_low"] < ours["proxy_fd_ci_low"]
     # Seed-to-seed luck shared by both methods: unpaired it drowns a steady +0.01, paired it does not.
     fake(tmp_path, "steady", 0, 9.0, 0.865)
     fake(tmp_path, "steady", 1, 10.0, 0.868)
@@ -164,6 +209,10 @@ def test_seed_aggregation_and_noise_verdicts(tmp_path):
     assert "| ours | 2 | 5.250 ± 0.354 |" in md and "| fewer-seeds | 2 |" in md
     with pytest.raises(SystemExit):
         report.main(["proxy", "--out-dir", str(tmp_path), "--seeds", "7"])
+    report.main(["proxy", "--out-dir", str(tmp_path), "--confidence", "0.975", "--write-prefix", str(tmp_path / "c")])
+    assert "[Welch 97.5% CI]" in (tmp_path / "c.md").read_text()
+    with pytest.raises(SystemExit):
+        report.main(["proxy", "--out-dir", str(tmp_path), "--confidence", "95"])
 
 
 def test_run_all_scales_proxy_mode(tmp_path):
