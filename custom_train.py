@@ -61,7 +61,7 @@ SCALES = {
 }
 
 PROTOCOL = dict(  # option name -> protocol value (batch_size and eval_every depend on the scale/steps)
-    dataset="cifar10", steps=35_000, seed=42, lr=2e-4, weight_decay=1e-4, grad_clip=1.0,
+    dataset="cifar10", steps=35_000, seed=42, lr=2e-4, lr_cooldown=0, weight_decay=1e-4, grad_clip=1.0,
     ema_decay=0.9995, ema_eval_start=20_000, precision="fp16", hflip=True, ddim_steps=50,
     fid="clean", fid_samples=50_000, final_fid_samples=50_000, ignore_budget=False,
 )
@@ -570,8 +570,9 @@ PRESETS = {
 }
 
 # Options that must match for --resume to continue a run.
-RESUME_KEYS = ("dataset", "scale", "method", "seed", "batch_size", "lr", "weight_decay", "grad_clip",
+RESUME_KEYS = ("dataset", "scale", "method", "seed", "batch_size", "lr", "lr_cooldown", "weight_decay", "grad_clip",
                "ema_decay", "precision", "hflip", "image_size")
+RESUME_DEFAULTS = dict(lr_cooldown=0)  # options added later: what checkpoints made before them used
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -618,7 +619,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch-size", type=int, default=None,
                    help="global batch (default: the scale's: tiny 64, small 128, medium 128, large 64)")
     g.add_argument("--seed", type=int, default=PROTOCOL["seed"], help="seed of init, data order, noise, sampling")
-    g.add_argument("--lr", type=float, default=PROTOCOL["lr"], help="AdamW learning rate (constant, no warm-up)")
+    g.add_argument("--lr", type=float, default=PROTOCOL["lr"], help="AdamW learning rate (no warm-up)")
+    g.add_argument("--lr-cooldown", type=int, default=PROTOCOL["lr_cooldown"],
+                   help="decay the learning rate linearly to 0 over the last N steps (0: constant, the protocol); "
+                        "the decay is placed by --steps, so a run resumed in its cooldown keeps its --steps")
     g.add_argument("--weight-decay", type=float, default=PROTOCOL["weight_decay"], help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=PROTOCOL["grad_clip"], help="gradient-norm clipping")
     g.add_argument("--ema-decay", type=float, default=PROTOCOL["ema_decay"], help="EMA rate, updated every step")
@@ -699,6 +703,8 @@ def resolve_defaults(args) -> None:
             raise HarnessError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.fid != "off" and 0 < min(args.fid_samples or 2, args.final_fid_samples or 2) < 2:
         raise HarnessError("FID needs at least 2 samples (a covariance); raise --fid-samples/--final-fid-samples")
+    if not 0 <= args.lr_cooldown <= args.steps:
+        raise HarnessError(f"--lr-cooldown must lie in [0, --steps={args.steps}], got {args.lr_cooldown}")
     if not 0 <= args.ema_decay < 1:
         raise HarnessError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
 
@@ -710,6 +716,12 @@ def protocol_deviations(args) -> list[str]:
     deviations += [f"{name}={getattr(args, name)} (protocol: {value})"
                    for name, value in protocol.items() if getattr(args, name) != value]
     return deviations
+
+
+def learning_rate(step: int, args) -> float:
+    """The lr of optimizer step ``step`` (1-based): constant, then with --lr-cooldown N a linear decay over
+    the last N steps (lr at the first of them, lr / N at the last)."""
+    return args.lr * min(1.0, (args.steps - step + 1) / args.lr_cooldown) if args.lr_cooldown else args.lr
 
 
 def train_step(train_model, xt, t, y, noise, optimizer, scaler, params, *, amp_dtype, grad_clip):
@@ -837,9 +849,13 @@ def train(args, rank: int, world: int) -> dict:
     if resuming:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         for key in RESUME_KEYS:
-            if ckpt["config"][key] != config[key]:
+            made_with = ckpt["config"].get(key, RESUME_DEFAULTS.get(key))
+            if made_with != config[key]:
                 raise HarnessError(f"--resume: the checkpoint in {run_dir} was made with {key}="
-                                   f"{ckpt['config'][key]}, not {config[key]}; pass the same options")
+                                   f"{made_with}, not {config[key]}; pass the same options")
+        if args.lr_cooldown and ckpt["config"]["steps"] != args.steps:
+            raise HarnessError(f"--resume: the checkpoint was made with steps={ckpt['config']['steps']}, not "
+                               f"{args.steps}; with --lr-cooldown the steps place the decay, so pass the same --steps")
         if ckpt["step"] > args.steps:
             raise HarnessError(f"--resume: the checkpoint is at step {ckpt['step']}, past --steps {args.steps}")
         model.load_state_dict(ckpt["model"])
@@ -941,6 +957,8 @@ def train(args, rank: int, world: int) -> dict:
         if flip is not None:
             x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
         xt = noise_scheduler.add_noise(x0, noise, t)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
         if args.channels_last:
             xt = xt.contiguous(memory_format=torch.channels_last)
         loss, grad_norm = train_step(train_model, xt, t, labels[idx], noise, optimizer, scaler, model_params,

@@ -4,6 +4,7 @@
 #   bash run_all_scales.sh                          # the three baselines at small, medium, large
 #   bash run_all_scales.sh custom adanorm           # these methods
 #   bash run_all_scales.sh --seeds 3 custom         # seeds 42, 43, 44; cells become mean ± std (n)
+#   bash run_all_scales.sh --first-seed 52 --seeds 5 custom   # seeds 52..56 (fresh seeds for a confirmation)
 #   bash run_all_scales.sh --gpus 0,1,2,3 --seeds 3 # 4 runs at a time, one per GPU
 #   bash run_all_scales.sh --gpus 0,1 --torchrun    # one run at a time on both GPUs (DDP, torchrun)
 #   bash run_all_scales.sh custom -- --fid-samples 10000   # extra custom_train.py options after --
@@ -22,13 +23,14 @@ set -uo pipefail
 cd "$(dirname "$0")"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
 PYTHON=${PYTHON:-python}
 proxy=0
 num_seeds=1
+first_seed=42
 gpus=()
 torchrun=0
 methods=()
@@ -44,11 +46,14 @@ while [[ $# -gt 0 ]]; do
     --seeds)
       [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "error: --seeds needs a positive integer, got '${2:-}'" >&2; exit 2; }
       num_seeds=$2; shift 2 ;;
+    --first-seed)
+      [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "error: --first-seed needs a non-negative integer, got '${2:-}'" >&2; exit 2; }
+      first_seed=$2; shift 2 ;;
     -*) echo "error: unknown option $1 (custom_train.py options go after --; see --help)" >&2; exit 2 ;;
     *) methods+=("$1"); shift ;;
   esac
 done
-seeds=($(seq 42 $((42 + num_seeds - 1))))
+seeds=($(seq "$first_seed" $((first_seed + num_seeds - 1))))
 if [[ $torchrun -eq 1 && ${#gpus[@]} -eq 0 ]]; then
   echo "error: --torchrun needs --gpus LIST (the GPUs each run is spread over)" >&2; exit 2
 fi

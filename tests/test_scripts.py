@@ -111,9 +111,10 @@ def test_gpus_runs_one_job_per_gpu_at_a_time(tmp_path):
 def test_gpus_with_torchrun_spreads_each_run_over_all_gpus(tmp_path):
     env = stub_env(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--gpus", "0,1", "--torchrun", "--seeds", "2",
-                           "adanorm"], env=env, capture_output=True, text=True, timeout=120)
+                           "--first-seed", "52", "adanorm"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     launches = [line.split(" ", 3) for line in (tmp_path / "launches.txt").read_text().splitlines()]
+    assert [args.split("--seed ")[1].split()[0] for *_, args in launches] == ["52", "53"]
     assert [gpus for _, _, gpus, _ in launches] == ["gpus=0,1", "gpus=0,1"]
     assert all(args.startswith("-m torch.distributed.run --standalone --nproc_per_node 2 custom_train.py ")
                for *_, args in launches)
@@ -124,6 +125,7 @@ def test_gpus_with_torchrun_spreads_each_run_over_all_gpus(tmp_path):
     (["--torchrun"], "error: --torchrun needs --gpus LIST (the GPUs each run is spread over)"),
     (["--gpus", "0,x"], "error: --gpus needs a comma-separated list of GPU ids like 0,1,2,3, got '0,x'"),
     (["--seeds", "0"], "error: --seeds needs a positive integer, got '0'"),
+    (["--first-seed", "x"], "error: --first-seed needs a non-negative integer, got 'x'"),
 ])
 def test_run_all_scales_bad_options(tmp_path, args, message):
     proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), *args], env=stub_env(tmp_path),

@@ -87,8 +87,9 @@ def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch):
     """8 steps straight vs. 8 steps with a crash in step 7 and --resume from the step-4 checkpoint
-    (the step-6 log line of the crashed run must be dropped, not duplicated)."""
-    args = ["--steps", 8, "--ckpt-every", 4, "--fid", "off", "--ema-decay", "0.9"]
+    (the step-6 log line of the crashed run must be dropped, not duplicated), with the learning rate
+    decaying over the last 6 steps, across the checkpoint."""
+    args = ["--steps", 8, "--ckpt-every", 4, "--fid", "off", "--ema-decay", "0.9", "--lr-cooldown", 6, "--lr", "1e-3"]
     run(tmp_path / "straight", cifar_dir, *args)
     straight = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
 
@@ -127,6 +128,13 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch)
     # the lines the crashed run wrote after its checkpoint are dropped, not duplicated
     assert log_without_timing(run_dir / "log.jsonl") == log_without_timing(
         tmp_path / "straight/runs/tiny-cross-attn-s42/log.jsonl")
+    # the lr of the logged steps 2, 4, 6, 8: constant through step 2, then 6/6, ..., 1/6 of it at steps 3..8
+    assert [r["lr"] for r in log_without_timing(run_dir / "log.jsonl") if "lr" in r] == pytest.approx([1e-3, 1e-3 * 5 / 6,
+                                                                                          1e-3 * 3 / 6, 1e-3 / 6])
+    assert "lr_cooldown=6 (protocol: 0)" in json.loads((run_dir / "config.json").read_text())["protocol_deviations"]
+    (run_dir / "results.json").unlink()  # unfinished again, its checkpoint in the cooldown: the decay is fixed
+    with pytest.raises(HarnessError, match="with --lr-cooldown the steps place the decay"):
+        run(tmp_path / "crashed", cifar_dir, "--steps", 10, *args[2:], "--resume")
 
 
 def test_refuses_to_overwrite_and_checks_resume_options(tmp_path, cifar_dir):
@@ -183,6 +191,7 @@ def test_sampling_is_deterministic_and_label_dependent():
     (["--final-fid-samples", "-1"], "--final-fid-samples must be >= 0, got -1"),
     (["--fid-samples", "1"], "FID needs at least 2 samples"),
     (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1), got 1.5"),
+    (["--steps", "10", "--lr-cooldown", "11"], "--lr-cooldown must lie in [0, --steps=10], got 11"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ])
 def test_bad_options_are_refused(tmp_path, flag, message):
