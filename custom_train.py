@@ -355,7 +355,8 @@ def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's torchscript Inception
 FID_STATS_FILE = "cifar10_clean_train_32.npz"  # clean-fid's CIFAR-10 train statistics, "clean" mode, 32x32
-FID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats/" + FID_STATS_FILE  # where clean-fid fetches them
+# exactly the URL clean-fid's get_reference_statistics requests (its base URL ends in "/" and it adds another)
+FID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats//" + FID_STATS_FILE
 
 
 def load_fid_extractor(device, fid_cache: Path | None = None):
