@@ -1,20 +1,26 @@
 """Class-conditional DDPM on CIFAR-10: the published protocol, with the conditioning method swapped in.
 
-    python custom_train.py --scale small --method cross-attn      # one protocol run
-    python custom_train.py --list-methods                         # what --method accepts
-    python custom_train.py --scale large --method adanorm --count-params
+    python custom_train.py --preset demo                          # a few minutes on any CPU, no download
+    python custom_train.py --scale small --method cross-attn      # one protocol run (a GPU)
+    python custom_train.py --scale small --method ideas/gate.py   # a method kept in a file of its own
+    python custom_train.py --scale small --method custom --dry-run   # check a configuration, then exit
+    python custom_train.py --list-methods
 
-Everything fixed by ../shared/PROTOCOL.md is the default; every option that changes it is recorded in
-config.json / results.json under "protocol_deviations". Read top to bottom: constants, model, data,
-diffusion and evaluation, checkpoints, command line, and then the training loop in main().
+Every default is the published protocol (docs/protocol.md); every option that changes it is recorded in
+config.json and results.json under "protocol_deviations". Read top to bottom: the options and the
+protocol's constants, the model and the methods, data, diffusion and sampling, evaluation, run
+directories and checkpoints, the command line, then train() as a short sequence of labelled steps.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import fcntl
 import hashlib
+import importlib.util
+import inspect
 import json
 import math
 import os
@@ -22,11 +28,13 @@ import pickle
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -40,8 +48,11 @@ from tqdm import tqdm
 import conditioning
 import proxy
 
+ROOT = Path(__file__).resolve().parent
+
 # --------------------------------------------------------------------------------------------
-# The protocol (../shared/PROTOCOL.md): every default below is the published setting.
+# The protocol's constants, and every option in one table: its default, its help, whether the
+# default is the published setting, and whether it shapes the training or the evaluation's numbers.
 # --------------------------------------------------------------------------------------------
 
 
@@ -59,16 +70,153 @@ SCALES = {
     "medium": Scale((128, 256, 256, 256), 32, 128),
     "large": Scale((256, 512, 512, 512), 32, 64),
 }
-
-PROTOCOL = dict(  # option name -> protocol value (batch_size and eval_every depend on the scale/steps)
-    dataset="cifar10", steps=35_000, seed=42, lr=2e-4, lr_cooldown=0, weight_decay=1e-4, grad_clip=1.0,
-    ema_decay=0.9995, ema_eval_start=20_000, precision="fp16", hflip=True, ddim_steps=50,
-    fid="clean", fid_samples=50_000, final_fid_samples=50_000, ignore_budget=False,
-)
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 1e-4, 2e-2
 NUM_CLASSES = 10
 BUDGET_FACTOR = 1.05  # a method may have at most int(1.05 x cross-attn's parameters) at a scale
+GRAD_SCALER_INIT_SCALE = 2.0 ** 16  # torch's default; a name so that tests can force fp16 overflows
+# The fp16 scaler has collapsed when a whole log interval was skipped, at least this many steps in a row:
+# the loss scale then fell by 2^32, far beyond any warm-up, and the overflow is the network's own.
+SCALER_COLLAPSE_STEPS = 32
+
+SAME = object()       # Option.protocol: the default is the published setting
+BY_SCALE = object()   # ... the published setting is the scale's (batch size)
+BY_STEPS = object()   # ... the published setting is --steps (one evaluation, at the end)
+NO_LEGACY = object()
+
+
+@dataclass(frozen=True)
+class Option:
+    default: object
+    help: str
+    role: str = "run"         # "train": shapes the training (must match to resume); "eval": shapes the
+                              # evaluation's numbers (must match to reuse results); "run": neither
+    protocol: object = None   # the published value (SAME: the default), or None where the protocol is silent
+    legacy: object = NO_LEGACY  # the value that runs made before the option existed used
+    kw: dict = field(default_factory=dict)  # argparse: type, choices, action, flags, metavar
+
+
+def flag(**kw):
+    return kw
+
+
+OPTIONS: dict[str, dict[str, Option]] = {
+    "what to run": {
+        "scale": Option("small", "backbone width: tiny (16,32,32,32; CPU tests and demos), small (64,128,128,128), "
+                        "medium (128,256,256,256), large (256,512,512,512)", "train", kw=flag(choices=list(SCALES))),
+        "method": Option("custom", "conditioning method: a name from --list-methods, or a path to a .py file that "
+                         "defines prepare_conditioning and ClassConditioner", "train"),
+        "list_methods": Option(False, "print the methods with one line each and exit", kw=flag(action="store_true")),
+        "count_params": Option(False, "print {scale, method, params, budget, within_budget} as JSON and exit",
+                               kw=flag(action="store_true")),
+        "dry_run": Option(False, "print the resolved options, the protocol deviations, the parameter count and what "
+                          "would happen to the run directory, then exit", kw=flag(action="store_true")),
+        "ignore_budget": Option(False, "train a method over the parameter budget anyway (marked in the results)",
+                                protocol=SAME, kw=flag(action="store_true")),
+    },
+    "data and output": {
+        "dataset": Option("cifar10", "cifar10 (the protocol) or digits (scikit-learn's 8x8 digits at 16x16, no "
+                          "download, no flips, scored by the proxy metrics: the CPU setting)", "train", SAME,
+                          kw=flag(choices=["cifar10", "digits"])),
+        "data_dir": Option("data", "where cifar-10-batches-py/ is (downloaded if missing)"),
+        "out_dir": Option("runs", "parent folder of run directories"),
+        "run_name": Option(None, "run directory name (default: SCALE-METHOD-sSEED, prefixed by DATASET- if not "
+                           "cifar10; a custom or file method adds the first 8 hex digits of its code's sha256)"),
+        "resume": Option(False, "continue the run in the run directory: resume its checkpoint, train a finished run "
+                         "on to a larger --steps, or, if it finished with these very options and code, reuse it",
+                         kw=flag(action="store_true")),
+        "overwrite": Option(False, "delete whatever the run directory holds and start afresh",
+                            kw=flag(action="store_true")),
+        "ckpt_every": Option(5000, "steps between checkpoints (and at the end)", kw=flag(type=int)),
+        "log_every": Option(100, "steps between log lines; with the default CUDA settings, the only host syncs of "
+                            "the training loop", kw=flag(type=int)),
+        "save_samples": Option(None, "save the final evaluation's uint8 images and labels as samples.npz (default: "
+                               "on for digits, off for cifar10)", kw=flag(action=argparse.BooleanOptionalAction)),
+        "cache_dir": Option(str(Path.home() / ".cache" / "class-cond-ddpm"),
+                            "where the digits proxy classifier is cached (keyed by a hash of its recipe)"),
+    },
+    "training (protocol values by default)": {
+        "steps": Option(35_000, "optimizer steps", "train", SAME, kw=flag(type=int)),
+        "batch_size": Option(None, "global batch (default: the scale's: tiny 64, small 128, medium 128, large 64)",
+                             "train", BY_SCALE, kw=flag(type=int)),
+        "seed": Option(42, "seed of init, data order, noise and sampling", "train", SAME, kw=flag(type=int)),
+        "lr": Option(2e-4, "AdamW learning rate (no warm-up)", "train", SAME, kw=flag(type=float)),
+        "lr_cooldown": Option(0, "decay the learning rate linearly to 0 over the last N steps (0: constant, the "
+                              "protocol); the decay is placed by --steps, so such a run keeps its --steps",
+                              "train", SAME, legacy=0, kw=flag(type=int)),
+        "weight_decay": Option(1e-4, "AdamW weight decay (decoupled, on every parameter)", "train", SAME,
+                               kw=flag(type=float)),
+        "grad_clip": Option(1.0, "gradient-norm clipping, after unscaling", "train", SAME, kw=flag(type=float)),
+        "ema_decay": Option(0.9995, "EMA rate, updated every step from step 1", "train", SAME, kw=flag(type=float)),
+        "ema_eval_start": Option(20_000, "evaluations at steps before this sample the raw network, from it on the EMA",
+                                 "eval", SAME, kw=flag(type=int)),
+        "hflip": Option(True, "disable random horizontal flips", "train", SAME,
+                        kw=flag(flags=("--no-hflip",), action="store_false")),
+        "precision": Option(None, "autocast dtype; fp16 uses a gradient scaler (default: fp16 on CUDA, fp32 on CPU; "
+                            "fp16 and bf16 also run on the CPU, with the CPU's autocast rules)", "train", "fp16",
+                            kw=flag(choices=["fp16", "bf16", "fp32"])),
+        "device": Option(None, "torch device (default: cuda if available, else cpu; under torchrun each rank takes "
+                         "cuda:LOCAL_RANK, or gloo on CPU)"),
+    },
+    "speed and determinism (recorded; the arithmetic is the protocol's up to rounding)": {
+        "compile": Option(False, "torch.compile the model for training (falls back to eager with a message if it "
+                          "fails)", kw=flag(action="store_true")),
+        "channels_last": Option(False, "channels_last memory format for the model, its EMA and AdamW's state",
+                                kw=flag(action="store_true")),
+        "tf32": Option(False, "allow TF32 in fp32 matmuls and convolutions on CUDA (without it they run in true "
+                       "fp32; torch 2.14 would otherwise use TF32 for convolutions); with fp16 or bf16 autocast it "
+                       "affects only the ops autocast keeps in fp32; never the FID's Inception",
+                       kw=flag(action="store_true")),
+        "adam": Option("auto", "AdamW kernel: fused (no host sync with the fp16 scaler), foreach, or auto: fused on "
+                       "CUDA, foreach elsewhere", kw=flag(choices=["auto", "fused", "foreach"])),
+        "deterministic": Option(False, "deterministic GPU kernels (torch.use_deterministic_algorithms, "
+                                "CUBLAS_WORKSPACE_CONFIG, no cuDNN benchmark): resume and reruns bit-exact on the "
+                                "same GPU and software, at some speed", kw=flag(action="store_true")),
+    },
+    "evaluation (protocol values by default)": {
+        "fid": Option(None, "clean: clean-fid vs CIFAR-10 train statistics at 32; proxy: proxy_fd and class_acc from "
+                      "the digits classifier (proxy.py); off: sample grids and held-out metrics only (default: clean "
+                      "for cifar10, proxy for digits)", "eval", "clean", kw=flag(choices=["clean", "proxy", "off"])),
+        "eval_every": Option(None, "steps between evaluations (default: one evaluation, at the last step)",
+                             protocol=BY_STEPS, kw=flag(type=int)),
+        "fid_samples": Option(50_000, "samples per evaluation during training (gives best_fid)", "eval", SAME,
+                              kw=flag(type=int)),
+        "final_fid_samples": Option(50_000, "samples of the independent final evaluation (gives fid); 0 skips it",
+                                    "eval", SAME, kw=flag(type=int)),
+        "fid_cache": Option(None, "folder holding clean-fid's Inception weights and CIFAR-10 statistics (see "
+                            "--prefetch); runs given it never touch the network", kw=flag(type=Path)),
+        "fid_resize": Option("pil", "pil: clean-fid's own per-image PIL resize (the protocol); torch: the same bicubic "
+                             "as matrix products on the device, in batches (within 1e-3 of PIL, much faster on a "
+                             "GPU; a protocol deviation)", "eval", SAME, kw=flag(choices=["pil", "torch"])),
+        "prefetch": Option(False, "download CIFAR-10 into --data-dir and the FID assets into --fid-cache, then exit",
+                           kw=flag(action="store_true")),
+        "ddim_steps": Option(50, "DDIM sampling steps", "eval", SAME, kw=flag(type=int)),
+        "sample_batch_size": Option(500, "images per sampling batch (each batch has its own noise seed)", "eval",
+                                    kw=flag(type=int)),
+        "grid_per_class": Option(10, "samples per class row in the grid PNGs", kw=flag(type=int)),
+        "heldout_draws": Option(None, "(t, noise) draws per held-out image for heldout_loss; 0 turns the held-out "
+                                "metrics off (default: 32 for digits, 2 for cifar10)", "eval", legacy=0,
+                                kw=flag(type=int)),
+        "label_draws": Option(None, "(t, noise) draws per held-out image for label_acc; 0 skips it (default: 4 for "
+                              "digits, 2 for cifar10)", "eval", legacy=0, kw=flag(type=int)),
+        "metric_seed": Option(0, "seed of the held-out metrics' draws (the same for every method and training seed)",
+                              "eval", legacy=0, kw=flag(type=int)),
+    },
+}
+ALL_OPTIONS = {name: opt for group in OPTIONS.values() for name, opt in group.items()}
+# What must match for a checkpoint to be continued, and what else for a finished result to be reused.
+TRAIN_KEYS = tuple(n for n, o in ALL_OPTIONS.items() if o.role == "train" and n != "steps") + ("image_size",
+                                                                                                "method_sha256")
+EVAL_KEYS = tuple(n for n, o in ALL_OPTIONS.items() if o.role == "eval")
+HELDOUT_DEFAULTS = {"digits": dict(heldout_draws=32, label_draws=4), "cifar10": dict(heldout_draws=2, label_draws=2)}
+
+# Named presets (EDM2-style): each sets defaults; flags given on the command line still win.
+PRESETS = {
+    # The first command to run: tiny scale on the bundled digits, a few minutes on a laptop CPU. The
+    # higher lr and faster EMA make 1,200 steps enough; the EMA is sampled from the start.
+    "demo": dict(scale="tiny", dataset="digits", steps=1200, batch_size=32, lr=3e-3, ema_decay=0.995,
+                 ema_eval_start=0, fid_samples=0, final_fid_samples=500, ckpt_every=400, log_every=100),
+}
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -140,15 +288,93 @@ class ConditionedUNet(nn.Module):
         return u.conv_out(u.conv_act(u.conv_norm_out(h)))
 
 
+def is_method_file(name: str) -> bool:
+    return name.endswith(".py")
+
+
+_FILE_METHODS: dict[tuple[str, str], conditioning.Method] = {}
+
+
+def load_method_file(path: str) -> conditioning.Method:
+    """A method kept in its own file: the file defines prepare_conditioning and ClassConditioner (it may
+    import anything from conditioning.py). Loaded once per content, so an edited file is loaded anew."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise HarnessError(f"--method {path}: no such file (a method is a name from --list-methods or a .py file)")
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if (str(file), digest) not in _FILE_METHODS:
+        spec = importlib.util.spec_from_file_location(f"method_{file.stem}_{digest[:8]}", file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # inspect.getsource and pickling look modules up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise HarnessError(f"--method {path} failed to import ({type(e).__name__}: {e})") from e
+        missing = [n for n in ("prepare_conditioning", "ClassConditioner") if not hasattr(module, n)]
+        if missing:
+            raise HarnessError(f"--method {path} must define prepare_conditioning and ClassConditioner; it lacks "
+                               f"{' and '.join(missing)}")
+        summary = (module.__doc__ or "").strip().splitlines()
+        _FILE_METHODS[str(file), digest] = conditioning.Method(module.prepare_conditioning, module.ClassConditioner,
+                                                               f"file {path}: " + (summary[0] if summary else ""))
+    return _FILE_METHODS[str(file), digest]
+
+
 def get_method(name: str) -> conditioning.Method:
+    if is_method_file(name):
+        return load_method_file(name)
     if name not in conditioning.METHODS:
         raise HarnessError(f"unknown --method '{name}'; choose one of: {', '.join(conditioning.METHODS)} "
-                           "(python custom_train.py --list-methods)")
+                           "(python custom_train.py --list-methods), or give a path to a .py file")
     return conditioning.METHODS[name]
 
 
+def method_code(name: str) -> str:
+    """The source that a method runs: its prepare_conditioning and conditioner class and, recursively,
+    every function, class and constant of conditioning.py or of the method's own file that they name.
+    Editing anything else (another method, a comment outside these) leaves it unchanged."""
+    method = get_method(name)
+    local = {"conditioning", method.prepare_conditioning.__module__, method.conditioner.__module__}
+    parts, stack = {}, [method.prepare_conditioning, method.conditioner]
+    while stack:
+        obj = stack.pop()
+        key = f"{obj.__module__}.{obj.__qualname__}"
+        if key in parts:
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(obj))
+        except (OSError, TypeError):
+            parts[key] = f"# {key}: no source available\n"
+            continue
+        parts[key] = source
+        namespace = vars(sys.modules[obj.__module__])
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name) and node.id in namespace:
+                found, label = namespace[node.id], f"{obj.__module__}.{node.id}"
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and inspect.ismodule(
+                    namespace.get(node.value.id)) and namespace[node.value.id].__name__ in local:
+                found = getattr(namespace[node.value.id], node.attr, None)
+                label = f"{namespace[node.value.id].__name__}.{node.attr}"
+            else:
+                continue
+            if (inspect.isfunction(found) or inspect.isclass(found)) and found.__module__ in local:
+                stack.append(found)
+            elif isinstance(found, (bool, int, float, str, tuple, frozenset)):
+                parts.setdefault(label, f"{label} = {found!r}\n")
+    return "".join(f"# --- {key}\n{parts[key]}\n" for key in sorted(parts))
+
+
+def method_sha256(name: str) -> str:
+    return hashlib.sha256(method_code(name).encode()).hexdigest()
+
+
 def build_model(scale: str, method_name: str, image_size: int = 32) -> ConditionedUNet:
-    return ConditionedUNet(build_unet(scale, image_size), get_method(method_name))
+    method = get_method(method_name)
+    unet = build_unet(scale, image_size)
+    try:
+        return ConditionedUNet(unet, method)
+    except Exception as e:
+        raise HarnessError(f"method '{method_name}': building its modules raised {type(e).__name__}: {e}") from e
 
 
 def count_params(module: nn.Module) -> int:
@@ -165,11 +391,15 @@ def params_and_budget(scale: str, method_name: str) -> tuple[int, int]:
 
 
 def check_method_contract(model: ConditionedUNet, method_name: str, device) -> None:
-    """Fail early, with one line naming the method, when it breaks the two-function contract."""
+    """Fail early, with one line naming the method, when it breaks the two-function contract. Runs on
+    copies of the conditioners and with its own random numbers: the model's buffers and every global
+    RNG are left as they were."""
     batch, dim = 2, model.cond_dim
     prefix = f"method '{method_name}'"
-    with torch.no_grad():
-        time_emb, class_emb = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        time_emb = torch.randn(batch, dim, device=device, generator=g)
+        class_emb = torch.randn(batch, dim, device=device, generator=g)
         try:
             emb = model.prepare_conditioning(time_emb, class_emb)
         except Exception as e:
@@ -178,9 +408,9 @@ def check_method_contract(model: ConditionedUNet, method_name: str, device) -> N
             got = tuple(emb.shape) if isinstance(emb, torch.Tensor) else type(emb).__name__
             raise HarnessError(f"{prefix}: prepare_conditioning must return [B, D] = [{batch}, {dim}], got {got}")
         for site, module, channels in model.conditioner_sites():
-            h = torch.randn(batch, channels, 8, 8, device=device)
+            h = torch.randn(batch, channels, 8, 8, device=device, generator=g)
             try:
-                out = module(h, class_emb)
+                out = copy.deepcopy(module)(h, class_emb)
             except Exception as e:
                 raise HarnessError(f"{prefix}: ClassConditioner({channels}, {dim}) at {site} raised "
                                    f"{type(e).__name__}: {e}") from e
@@ -228,7 +458,8 @@ def download_lock(what: str):
 
 
 def load_cifar10(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """uint8 images [N, 3, 32, 32], int64 labels [N], class names. Downloads only if the folder is missing."""
+    """uint8 images [N, 3, 32, 32], int64 labels [N], class names, for split 'train' (data_batch_1..5) or
+    'test' (test_batch). Downloads only if the folder is missing."""
     folder = Path(data_dir) / CIFAR10_FOLDER
     with download_lock("cifar10"):
         if not folder.is_dir():
@@ -266,19 +497,15 @@ def load_cifar10(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.n
     return np.concatenate(images), np.concatenate(labels), names
 
 
-def load_dataset(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The training split as uint8 images [N, 3, S, S], int64 labels and class names."""
+def load_dataset(args, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """uint8 images [N, 3, S, S], int64 labels and class names: the training split, or the held-out one
+    (the digits' held-out 20%, CIFAR-10's test batch)."""
     if args.dataset == "digits":  # scikit-learn's bundled digits at 16x16: see proxy.py
-        return proxy.load_digits("train")
-    return load_cifar10(Path(args.data_dir), "train")
+        return proxy.load_digits("train" if split == "train" else "held-out")
+    return load_cifar10(Path(args.data_dir), "train" if split == "train" else "test")
 
 
 IMAGE_SIZE = {"cifar10": 32, "digits": proxy.DIGITS_SIZE}
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The data order of one epoch, a pure function of (seed, epoch): resume needs only the step."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
 
 
 def derive_seed(*parts) -> int:
@@ -290,8 +517,56 @@ def generator(device, *parts) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*parts))
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The data order of one epoch, a pure function of (seed, epoch): resume needs only the step."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+
+
+class TrainingBatches:
+    """Step s's batch as a pure function of (seed, s): the images at the epoch's permutation (the
+    incomplete last batch of an epoch is dropped), and the global batch's flips, timesteps and noise,
+    drawn whole from a generator of (seed, "train", s); then this rank's slice. So resume needs only
+    the step, and the run does not depend on the number of processes."""
+
+    def __init__(self, images, labels, args, rank: int, world: int, noise_scheduler):
+        self.images, self.labels, self.args, self.noise_scheduler = images, labels, args, noise_scheduler
+        self.per_epoch = len(images) // args.batch_size
+        per_rank = args.batch_size // world
+        self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.order, self.epoch = None, -1
+
+    def __call__(self, step: int):
+        a, device = self.args, self.images.device
+        if self.epoch != (step - 1) // self.per_epoch:
+            self.epoch = (step - 1) // self.per_epoch
+            self.order = epoch_order(a.seed, self.epoch, len(self.images)).to(device)
+        idx = self.order[((step - 1) % self.per_epoch) * a.batch_size:][:a.batch_size]
+        rng = generator(device, a.seed, "train", step)
+        flip = torch.rand(a.batch_size, device=device, generator=rng) < 0.5 if a.hflip else None
+        t = torch.randint(0, TRAIN_TIMESTEPS, (a.batch_size,), device=device, generator=rng)
+        noise = torch.randn((a.batch_size, 3, a.image_size, a.image_size), device=device, generator=rng)
+        idx, t, noise = idx[self.mine], t[self.mine], noise[self.mine]
+        x0 = self.images[idx].float() / 127.5 - 1
+        if flip is not None:
+            x0 = torch.where(flip[self.mine, None, None, None], x0.flip(3), x0)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        if a.channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        return xt, t, self.labels[idx], noise
+
+
+def seed_global_rngs(seed: int, step: int, rank: int) -> None:
+    """The global torch, numpy and python RNGs as a function of (seed, step, rank): the harness draws
+    from explicit generators, but a method may use dropout or torch.rand in its forward, and this keeps
+    such a method's training exact across resume, with distinct streams on each rank."""
+    s = derive_seed(seed, "global", step, rank)
+    torch.manual_seed(s)
+    np.random.seed(s % 2 ** 32)
+    random.seed(s)
+
+
 # --------------------------------------------------------------------------------------------
-# Diffusion: DDPM training noise, DDIM sampling, quantisation, FID, sample grids.
+# Diffusion: DDPM training noise, DDIM sampling, quantisation.
 # --------------------------------------------------------------------------------------------
 
 def ddpm_scheduler():
@@ -318,13 +593,14 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
-           image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1) -> torch.Tensor:
-    """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU (on every rank).
+           image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1):
+    """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU of rank 0 (None on the
+    other ranks).
 
     Batch b's initial noise comes from its own generator (seed, tag, b), so the images depend on
     neither the device's global RNG nor on how many batches came before. With several processes,
-    rank r samples batches r, r + world, ... and the batches are gathered in order: the images are
-    the same whatever the number of processes."""
+    rank r samples batches r, r + world, ... and rank 0 gathers them in order: the images are the same
+    whatever the number of processes."""
     scheduler = ddim_scheduler(ddim_steps)
     was_training = model.training
     model.eval()
@@ -341,8 +617,10 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
         out[b] = quantize(x).cpu()
     model.train(was_training)
     if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, out)
+        shards = [None] * world if rank == 0 else None
+        dist.gather_object(out, shards, dst=0)
+        if rank > 0:
+            return None
         out = {b: images for shard in shards for b, images in shard.items()}
     return torch.cat([out[b] for b in sorted(out)])
 
@@ -352,6 +630,10 @@ def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
     return torch.cat([torch.randint(0, NUM_CLASSES, (min(batch_size, n - b),), generator=generator("cpu", seed, tag, "labels", b))
                       for b in range(0, n, batch_size)])
 
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: clean-fid's FID, the digits proxy, the held-out metrics, sample grids.
+# --------------------------------------------------------------------------------------------
 
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's torchscript Inception
 FID_STATS_FILE = "cifar10_clean_train_32.npz"  # clean-fid's CIFAR-10 train statistics, "clean" mode, 32x32
@@ -436,13 +718,27 @@ def clean_resize_torch(images: torch.Tensor, size: int = 299) -> torch.Tensor:
     return x.clamp(0, 255)
 
 
+@contextlib.contextmanager
+def true_fp32():
+    """fp32 matmuls and convolutions in IEEE fp32 on CUDA (no TF32), as clean-fid's reference statistics
+    were computed, whatever --tf32 set for training."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
 class CleanFID:
     """FID exactly as clean-fid computes it for a generator: its "clean" resize (PIL bicubic on float
-    images), its Inception features, its Frechet distance, against its CIFAR-10 train statistics at 32.
+    images), its Inception features (in true fp32), its Frechet distance, against its CIFAR-10 train
+    statistics at 32.
 
     resize="torch" replaces clean-fid's per-image PIL resize by clean_resize_torch (equal within 1e-3,
-    tested) on the device; everything else is unchanged. Built before training, so that a missing
-    download fails in the first second, not after 35k steps."""
+    tested) on the device: an option, listed as a protocol deviation. Built before training, so that a
+    missing download fails in the first second, not after 35k steps."""
 
     def __init__(self, device, fid_cache: Path | None = None, resize: str = "pil"):
         from cleanfid.features import get_reference_statistics
@@ -478,19 +774,20 @@ class CleanFID:
         from cleanfid.fid import frechet_distance, get_model_features
 
         n = len(images)
-        if self.resize == "torch":
-            with torch.no_grad():
-                feats = np.concatenate([
-                    self.extractor(clean_resize_torch(images[i:i + batch_size].to(self.device))).cpu().numpy()
-                    for i in tqdm(range(0, n, batch_size), desc="FID features", leave=False)])
-        else:
-            def serve(z):  # clean-fid's generator hook: its batch index -> our already sampled images
-                i = serve.calls * batch_size
-                serve.calls += 1
-                return images[torch.arange(i, i + batch_size) % n]  # the last batch wraps; clean-fid drops the extra
-            serve.calls = 0
-            feats = get_model_features(serve, self.extractor, mode="clean", num_gen=n, batch_size=batch_size,
-                                       device=self.device, z_dim=1, desc="FID features")
+        with true_fp32():
+            if self.resize == "torch":
+                with torch.no_grad():
+                    feats = np.concatenate([
+                        self.extractor(clean_resize_torch(images[i:i + batch_size].to(self.device))).cpu().numpy()
+                        for i in tqdm(range(0, n, batch_size), desc="FID features", leave=False)])
+            else:
+                def serve(z):  # clean-fid's generator hook: its batch index -> our already sampled images
+                    i = serve.calls * batch_size
+                    serve.calls += 1
+                    return images[torch.arange(i, i + batch_size) % n]  # the last batch wraps; clean-fid drops the extra
+                serve.calls = 0
+                feats = get_model_features(serve, self.extractor, mode="clean", num_gen=n, batch_size=batch_size,
+                                           device=self.device, z_dim=1, desc="FID features")
         mu, sigma = np.mean(feats, axis=0), np.cov(feats, rowvar=False)
         return dict(fid=float(frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)), fid_samples=n)
 
@@ -503,6 +800,71 @@ class DigitsProxy(proxy.ProxyMetrics):
     @staticmethod
     def labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
         return proxy.balanced_labels(n)
+
+
+class HeldOutMetrics:
+    """The model scored on held-out images with its own objective, from draws that depend only on
+    --metric-seed (never on the method or the training seed), so that every method of a comparison
+    meets the same (image, t, noise) triples and their differences are free of sampling noise.
+
+    * heldout_loss: the training objective (epsilon MSE) averaged over `draws` (t, noise) pairs per
+      image, with t stratified per image (draw k lies in [1000 k / draws, 1000 (k + 1) / draws)).
+    * label_acc: the model as its own classifier. For each of `label_draws` stratified (t, noise) pairs
+      per image, the epsilon MSE under each of the 10 labels; the draw is right when the true label gives
+      the lowest. The fraction of right (image, draw) pairs: each draw is one trial, so more draws lower
+      the metric's noise without moving it towards the ceiling that summing losses over draws reaches.
+
+    Draws are made on the CPU in chunks of CHUNK images (the same on any device and for any batch size)."""
+
+    CHUNK = 100
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, device, *, draws: int, label_draws: int,
+                 metric_seed: int, batch_size: int):
+        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        self.device, self.draws, self.label_draws = device, draws, label_draws
+        self.seed, self.batch_size = metric_seed, batch_size
+        self.scheduler = ddpm_scheduler()
+
+    def chunk_draws(self, kind: str, chunk: int, n: int, k: int):
+        g = generator("cpu", self.seed, "heldout", kind, chunk)
+        u = torch.rand(n, k, generator=g)
+        t = ((torch.arange(k) + u) * (TRAIN_TIMESTEPS / k)).long().clamp(0, TRAIN_TIMESTEPS - 1)
+        noise = torch.randn((n, k) + tuple(self.images.shape[1:]), generator=g)
+        return t, noise
+
+    @torch.no_grad()
+    def losses(self, model, x0, t, noise, labels, amp_dtype) -> torch.Tensor:
+        """Per-draw epsilon MSE, [n, k], of images x0 [n, ...] at draws t, noise [n, k, ...] under labels [n]."""
+        n, k = t.shape
+        xt = self.scheduler.add_noise(x0[:, None].expand_as(noise).reshape((-1,) + x0.shape[1:]),
+                                      noise.reshape((-1,) + x0.shape[1:]), t.reshape(-1))
+        t, y, noise = t.reshape(-1), labels[:, None].expand(n, k).reshape(-1), noise.reshape(xt.shape)
+        out = []
+        for i in range(0, len(xt), self.batch_size):
+            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = model(xt[i:i + self.batch_size], t[i:i + self.batch_size], y[i:i + self.batch_size])
+            out.append((pred.float() - noise[i:i + self.batch_size]).square().flatten(1).mean(1))
+        return torch.cat(out).reshape(n, k)
+
+    @torch.no_grad()
+    def __call__(self, model, amp_dtype=None) -> dict:
+        was_training = model.training
+        model.eval()
+        loss_sum, right, trials = 0.0, 0, 0
+        for c, start in enumerate(range(0, len(self.images), self.CHUNK)):
+            x0 = (self.images[start:start + self.CHUNK].float() / 127.5 - 1).to(self.device)
+            y = self.labels[start:start + self.CHUNK].to(self.device)
+            t, noise = self.chunk_draws("loss", c, len(x0), self.draws)
+            loss_sum += self.losses(model, x0, t.to(self.device), noise.to(self.device), y, amp_dtype).double().sum().item()
+            if self.label_draws:
+                t, noise = (d.to(self.device) for d in self.chunk_draws("label", c, len(x0), self.label_draws))
+                per_label = torch.stack([self.losses(model, x0, t, noise, torch.full_like(y, label), amp_dtype)
+                                         for label in range(NUM_CLASSES)], dim=-1)  # [n, k, 10]
+                right += (per_label.argmin(-1) == y[:, None]).sum().item()
+                trials += per_label.shape[0] * per_label.shape[1]
+        model.train(was_training)
+        return dict(heldout_loss=loss_sum / (len(self.images) * self.draws),
+                    label_acc=right / trials if trials else None)
 
 
 def save_grid(images: torch.Tensor, class_names: list[str], per_class: int, path: Path, zoom: int = 2) -> None:
@@ -526,7 +888,7 @@ def save_grid(images: torch.Tensor, class_names: list[str], per_class: int, path
 
 
 # --------------------------------------------------------------------------------------------
-# Files: atomic writes, so a crash never leaves a half-written checkpoint or result.
+# Files: atomic writes, provenance, checkpoints, and what a run directory may be reused for.
 # --------------------------------------------------------------------------------------------
 
 def atomic_write(path: Path, write) -> None:
@@ -538,136 +900,143 @@ def atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """Strict JSON (a NaN or infinity is an error, never written)."""
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()))
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
+def git_state() -> dict:
+    """The commit of the code and whether the work tree differed from it (None outside a git checkout)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return dict(git_commit=None, git_dirty=None)
+    if commit.returncode != 0:
+        return dict(git_commit=None, git_dirty=None)
+    return dict(git_commit=commit.stdout.strip(), git_dirty=bool(status.stdout.strip()))
 
 
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, every tensor on the CPU: load_state_dict then places each on its parameter's device
+    (the CPU RNG state, AdamW's step counters and a GPU that is not there stay out of the way)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise HarnessError(f"cannot read the checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"the run directory is left as it is: delete {path.name} to restart this run from step 0, "
+                           f"or pass --overwrite") from e
+
+
+def differences(recorded: dict, config: dict, keys) -> list[str]:
+    """'key=recorded (now current)' for every key whose recorded value differs from today's."""
+    out = []
+    for key in keys:
+        made = recorded.get(key, ALL_OPTIONS[key].legacy if key in ALL_OPTIONS else None)
+        if made is NO_LEGACY:
+            made = None
+        if made != config[key]:
+            out.append(f"{key}={made} (now {config[key]})")
+    return out
+
+
+def check_reusable(recorded: dict, config: dict, run_dir: Path, keys) -> None:
+    """Refuse, in one line, to continue or reuse a run made by other method code or other options."""
+    if recorded.get("method_sha256") != config["method_sha256"]:
+        made = (recorded.get("method_sha256") or "unrecorded")[:8]
+        raise HarnessError(f"{run_dir} was made by other code for method '{config['method']}' (sha256 {made}, now "
+                           f"{config['method_sha256'][:8]}); choose another --run-name to keep both, or pass "
+                           f"--overwrite to replace it")
+    diff = differences(recorded, config, [k for k in keys if k != "method_sha256"])
+    if diff:
+        raise HarnessError(f"{run_dir} was made with {', '.join(diff)}; pass the same options, choose another "
+                           f"--run-name to keep both, or pass --overwrite to replace it")
+
+
+def plan_run(args, config: dict, run_dir: Path) -> tuple[str, dict | None]:
+    """What to do with the run directory, and the checkpoint or results it holds:
+    "new" (nothing there, or --overwrite), "resume" (a checkpoint to continue), "extend" (a finished run
+    asked for more steps), or "done" (finished with these very options and code: its results)."""
+    ckpt_path, results_path = run_dir / "checkpoint.pt", run_dir / "results.json"
+    if args.overwrite or not (ckpt_path.exists() or results_path.exists()):
+        return "new", None
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        recorded = results.get("config", results)
+        if not args.resume:
+            raise HarnessError(f"{run_dir} holds a finished run ({results_path.name}); pass --resume to reuse it or "
+                               f"train it further, choose another --run-name or --out-dir, or pass --overwrite")
+        check_reusable(recorded, config, run_dir, TRAIN_KEYS + EVAL_KEYS)
+        if args.steps == results["steps"]:
+            check_reusable(recorded, config, run_dir, ("eval_every",))
+            return "done", results
+        if args.steps < results["steps"]:
+            raise HarnessError(f"{run_dir} finished at {results['steps']} steps; --steps {args.steps} asks for fewer "
+                               f"(choose another --run-name for a shorter run)")
+        if args.lr_cooldown:
+            raise HarnessError(f"{run_dir} finished at {results['steps']} steps with --lr-cooldown {args.lr_cooldown}, "
+                               f"which the steps place; it cannot be trained further (choose another --run-name)")
+        if not ckpt_path.exists():
+            raise HarnessError(f"{run_dir} finished without its {ckpt_path.name}, so it cannot be trained further; "
+                               f"choose another --run-name")
+        return "extend", load_checkpoint(ckpt_path)
+    if not args.resume:
+        raise HarnessError(f"{run_dir} already holds a run's checkpoint; pass --resume to continue it, choose another "
+                           f"--run-name, or pass --overwrite")
+    ckpt = load_checkpoint(ckpt_path)
+    check_reusable(ckpt["config"], config, run_dir, TRAIN_KEYS + EVAL_KEYS)
+    if ckpt["config"].get("lr_cooldown") and ckpt["config"]["steps"] != args.steps:
+        raise HarnessError(f"--resume: the checkpoint was made with steps={ckpt['config']['steps']}, not {args.steps}; "
+                           f"with --lr-cooldown the steps place the decay, so pass the same --steps")
+    if ckpt["step"] > args.steps:
+        raise HarnessError(f"--resume: the checkpoint is at step {ckpt['step']}, past --steps {args.steps}")
+    return "resume", ckpt
 
 
 # --------------------------------------------------------------------------------------------
-# Command line.
+# Command line: built from OPTIONS; defaults that depend on other options are filled, then checked.
 # --------------------------------------------------------------------------------------------
-
-# Named presets (EDM2-style): each sets defaults; flags given on the command line still win.
-PRESETS = {
-    # The first command to run: tiny scale on the bundled digits, a few minutes on a laptop CPU.
-    # Sized on a 2-core CPU (~0.2 s/step): about 4.5 minutes, class_acc > 0.8 for concat-film. The
-    # higher lr and faster EMA make 1,200 steps enough; the EMA is sampled from the start.
-    "demo": dict(scale="tiny", dataset="digits", steps=1200, batch_size=32, lr=3e-3, ema_decay=0.995,
-                 ema_eval_start=0, fid_samples=0, final_fid_samples=500, ckpt_every=400, log_every=100),
-}
-
-# Options that must match for --resume to continue a run.
-RESUME_KEYS = ("dataset", "scale", "method", "seed", "batch_size", "lr", "lr_cooldown", "weight_decay", "grad_clip",
-               "ema_decay", "precision", "hflip", "image_size")
-RESUME_DEFAULTS = dict(lr_cooldown=0)  # options added later: what checkpoints made before them used
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=list(PRESETS), default=None)
     preset = pre.parse_known_args(argv)[0].preset
     p = argparse.ArgumentParser(
-        description="Train and evaluate a class-conditional DDPM (diffusers UNet2DModel) on CIFAR-10 with a "
-                    "chosen class-conditioning method. Defaults reproduce ../shared/PROTOCOL.md.",
+        description="Train and evaluate a class-conditional DDPM (diffusers UNet2DModel) on CIFAR-10 with a chosen "
+                    "class-conditioning method. The defaults are the published protocol (docs/protocol.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("what to run")
-    g.add_argument("--preset", choices=list(PRESETS), default=None,
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="named defaults; explicit flags override them. " + "; ".join(
                        f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())
                        for name, d in PRESETS.items()))
-    g.add_argument("--scale", choices=list(SCALES), default="small",
-                   help="backbone width: tiny (16,32,32,32; CPU tests/demos), small (64,128,128,128), "
-                        "medium (128,256,256,256), large (256,512,512,512)")
-    g.add_argument("--method", default="custom", help="conditioning method from conditioning.METHODS")
-    g.add_argument("--list-methods", action="store_true", help="print the methods with one line each and exit")
-    g.add_argument("--count-params", action="store_true",
-                   help="print {scale, method, params, budget, within_budget} as JSON and exit (no data needed)")
-    g.add_argument("--ignore-budget", action="store_true",
-                   help="train a method over the parameter budget anyway (marked in the results)")
-    g = p.add_argument_group("data and output")
-    g.add_argument("--dataset", choices=["cifar10", "digits"], default="cifar10",
-                   help="cifar10 (the protocol) or digits (scikit-learn's 8x8 digits at 16x16, no download, "
-                        "no flips, scored by the proxy metrics: the CPU setting)")
-    g.add_argument("--data-dir", default="data", help="where cifar-10-batches-py/ is (downloaded if missing)")
-    g.add_argument("--out-dir", default="runs", help="parent folder of run directories")
-    g.add_argument("--run-name", default=None,
-                   help="run directory name (default: SCALE-METHOD-sSEED, prefixed by DATASET- if not cifar10)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in the run directory from its checkpoint (starts fresh if it has none)")
-    g.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints (and at the end)")
-    g.add_argument("--log-every", type=int, default=100, help="steps between log lines (the only host syncs)")
-    g.add_argument("--save-samples", action=argparse.BooleanOptionalAction, default=None,
-                   help="save the final evaluation's uint8 images and labels as samples.npz "
-                        "(default: on for digits, off for cifar10)")
-    g.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "class-cond-ddpm"),
-                   help="where the digits proxy classifier is cached (keyed by a hash of its recipe)")
-    g = p.add_argument_group("training (protocol values by default)")
-    g.add_argument("--steps", type=int, default=PROTOCOL["steps"], help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch (default: the scale's: tiny 64, small 128, medium 128, large 64)")
-    g.add_argument("--seed", type=int, default=PROTOCOL["seed"], help="seed of init, data order, noise, sampling")
-    g.add_argument("--lr", type=float, default=PROTOCOL["lr"], help="AdamW learning rate (no warm-up)")
-    g.add_argument("--lr-cooldown", type=int, default=PROTOCOL["lr_cooldown"],
-                   help="decay the learning rate linearly to 0 over the last N steps (0: constant, the protocol); "
-                        "the decay is placed by --steps, so a run resumed in its cooldown keeps its --steps")
-    g.add_argument("--weight-decay", type=float, default=PROTOCOL["weight_decay"], help="AdamW weight decay")
-    g.add_argument("--grad-clip", type=float, default=PROTOCOL["grad_clip"], help="gradient-norm clipping")
-    g.add_argument("--ema-decay", type=float, default=PROTOCOL["ema_decay"], help="EMA rate, updated every step")
-    g.add_argument("--ema-eval-start", type=int, default=PROTOCOL["ema_eval_start"],
-                   help="evaluations at steps before this sample the raw network, after it the EMA")
-    g.add_argument("--no-hflip", dest="hflip", action="store_false", help="disable random horizontal flips")
-    g.add_argument("--precision", choices=["fp16", "bf16", "fp32"], default=None,
-                   help="autocast dtype (fp16 uses a gradient scaler); default fp16 on CUDA, fp32 on CPU")
-    g.add_argument("--device", default=None,
-                   help="torch device (default: cuda if available, else cpu; under torchrun each rank takes "
-                        "cuda:LOCAL_RANK, or gloo on CPU)")
-    g = p.add_argument_group("speed (same arithmetic up to rounding; recorded as speed_options)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model for training (falls back to eager with a message if it fails)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the UNet")
-    g.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convolutions on CUDA")
-    g.add_argument("--fused-adam", action="store_true", help="fused AdamW kernel instead of the foreach one")
-    g = p.add_argument_group("evaluation (protocol values by default)")
-    g.add_argument("--fid", choices=["clean", "proxy", "off"], default=None,
-                   help="clean: clean-fid vs CIFAR-10 train statistics at 32; proxy: proxy_fd and class_acc from "
-                        "the digits classifier (proxy.py); off: sample grids only (default: clean for cifar10, "
-                        "proxy for digits)")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between evaluations (default: one evaluation, at the last step)")
-    g.add_argument("--fid-samples", type=int, default=PROTOCOL["fid_samples"],
-                   help="samples per evaluation during training (gives best_fid)")
-    g.add_argument("--final-fid-samples", type=int, default=PROTOCOL["final_fid_samples"],
-                   help="samples of the independent final evaluation (gives fid); 0 skips it")
-    g.add_argument("--fid-cache", type=Path, default=None,
-                   help="folder holding clean-fid's Inception weights and CIFAR-10 statistics (see --prefetch); "
-                        "runs given it never touch the network (default: clean-fid downloads on first use)")
-    g.add_argument("--fid-resize", choices=["auto", "pil", "torch"], default="auto",
-                   help="pil: clean-fid's per-image PIL resize; torch: the same bicubic as matrix products on the "
-                        "device, in batches (within 1e-3 of PIL); auto: torch on CUDA, pil elsewhere")
-    g.add_argument("--prefetch", action="store_true",
-                   help="download CIFAR-10 into --data-dir and the FID assets into --fid-cache, then exit")
-    g.add_argument("--ddim-steps", type=int, default=PROTOCOL["ddim_steps"], help="DDIM sampling steps")
-    g.add_argument("--sample-batch-size", type=int, default=500, help="images per sampling batch")
-    g.add_argument("--grid-per-class", type=int, default=10, help="samples per class row in the grid PNGs")
+    for title, options in OPTIONS.items():
+        group = p.add_argument_group(title)
+        for name, o in options.items():
+            kw = dict(o.kw)
+            flags = kw.pop("flags", (f"--{name.replace('_', '-')}",))
+            group.add_argument(*flags, dest=name, default=o.default, help=o.help, **kw)
     if preset:
         p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
     args.image_size = IMAGE_SIZE[args.dataset]
     return args
+
+
+# (option, test, what it must be) for every number: one line and exit 1 when broken, never a default instead
+NUMERIC_CHECKS = [
+    *[(name, lambda v: v > 0, "positive") for name in (
+        "steps", "batch_size", "ckpt_every", "log_every", "eval_every", "ddim_steps", "sample_batch_size",
+        "grid_per_class", "lr", "grad_clip")],
+    *[(name, lambda v: v >= 0, ">= 0") for name in (
+        "seed", "fid_samples", "final_fid_samples", "weight_decay", "ema_eval_start", "heldout_draws", "label_draws",
+        "metric_seed")],
+    ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+]
 
 
 def resolve_defaults(args) -> None:
@@ -679,45 +1048,80 @@ def resolve_defaults(args) -> None:
         raise HarnessError(f"--device {args.device!r} is not a torch device ({e})") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HarnessError(f"--device {args.device} asked for CUDA, but torch sees no GPU; use --device cpu")
-    args.batch_size = args.batch_size or SCALES[args.scale].batch_size
-    args.precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
-    args.eval_every = args.eval_every or args.steps
     digits = args.dataset == "digits"
+    if args.batch_size is None:
+        args.batch_size = SCALES[args.scale].batch_size
+    if args.eval_every is None:
+        args.eval_every = args.steps
+    args.precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     args.fid = args.fid or ("proxy" if digits else "clean")
     args.save_samples = digits if args.save_samples is None else args.save_samples
-    if args.fid_resize == "auto":
-        args.fid_resize = "torch" if device.type == "cuda" else "pil"
+    for name, value in HELDOUT_DEFAULTS[args.dataset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.heldout_draws == 0:
+        args.label_draws = 0
+    if args.adam == "auto":  # fused: with the fp16 scaler it skips overflowed steps on the GPU, without a host sync
+        args.adam = "fused" if device.type == "cuda" else "foreach"
     if digits and args.hflip:
         args.hflip = False  # a mirrored digit is not a digit (and no protocol applies to this dataset)
+    for name, ok, what in NUMERIC_CHECKS:
+        value = getattr(args, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            raise HarnessError(f"--{name.replace('_', '-')} must be {what}, got {value}")
     if args.fid == "proxy" and not digits:
         raise HarnessError("--fid proxy scores digits only; use --dataset digits, or --fid clean for cifar10")
     if args.fid == "clean" and digits:
         raise HarnessError("--fid clean compares with CIFAR-10 statistics; digits runs use --fid proxy (or off)")
-    prefix = "" if args.dataset == "cifar10" else f"{args.dataset}-"
-    args.run_name = args.run_name or f"{prefix}{args.scale}-{args.method}-s{args.seed}"
-    for name in ("steps", "batch_size", "ckpt_every", "log_every", "eval_every", "ddim_steps",
-                 "sample_batch_size", "grid_per_class"):
-        if getattr(args, name) <= 0:
-            raise HarnessError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("fid_samples", "final_fid_samples"):
-        if getattr(args, name) < 0:
-            raise HarnessError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.fid != "off" and 0 < min(args.fid_samples or 2, args.final_fid_samples or 2) < 2:
         raise HarnessError("FID needs at least 2 samples (a covariance); raise --fid-samples/--final-fid-samples")
     if not 0 <= args.lr_cooldown <= args.steps:
         raise HarnessError(f"--lr-cooldown must lie in [0, --steps={args.steps}], got {args.lr_cooldown}")
-    if not 0 <= args.ema_decay < 1:
-        raise HarnessError(f"--ema-decay must lie in [0, 1), got {args.ema_decay}")
+    args.method_sha256 = method_sha256(args.method)
+    if args.run_name is None:
+        prefix = "" if args.dataset == "cifar10" else f"{args.dataset}-"
+        name = args.method
+        if args.method == "custom" or is_method_file(args.method):  # two versions of an idea never share a folder
+            name = f"{Path(args.method).stem}-{args.method_sha256[:8]}"
+        args.run_name = f"{prefix}{args.scale}-{name}-s{args.seed}"
+
+
+def protocol_value(name: str, args):
+    o = ALL_OPTIONS[name]
+    return {id(SAME): o.default, id(BY_SCALE): SCALES[args.scale].batch_size,
+            id(BY_STEPS): args.steps}.get(id(o.protocol), o.protocol)
 
 
 def protocol_deviations(args) -> list[str]:
     """Every option whose value differs from the published protocol, as 'name=value (protocol: x)'."""
-    protocol = dict(PROTOCOL, batch_size=SCALES[args.scale].batch_size, eval_every=args.steps)
     deviations = ["scale=tiny (protocol: small, medium or large)"] if args.scale == "tiny" else []
-    deviations += [f"{name}={getattr(args, name)} (protocol: {value})"
-                   for name, value in protocol.items() if getattr(args, name) != value]
+    for name, o in ALL_OPTIONS.items():
+        if o.protocol is not None and getattr(args, name) != protocol_value(name, args):
+            deviations.append(f"{name}={getattr(args, name)} (protocol: {protocol_value(name, args)})")
     return deviations
 
+
+def speed_options(args) -> list[str]:
+    """The options that change speed (and rounding) but not the protocol's arithmetic."""
+    used = [name for name in ("compile", "channels_last", "tf32", "deterministic") if getattr(args, name)]
+    return used + [f"adam={args.adam}"]
+
+
+def run_config(args, world: int) -> dict:
+    """Every option as resolved, the method's code, and what the run was made with: config.json."""
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+              if k not in ("list_methods", "count_params", "dry_run", "resume", "overwrite", "prefetch")}
+    params, budget = params_and_budget(args.scale, args.method)
+    config.update(method_source=method_code(args.method), method_file=str(Path(args.method).resolve())
+                  if is_method_file(args.method) else None, params=params, budget=budget,
+                  within_budget=params <= budget, protocol_deviations=protocol_deviations(args),
+                  speed_options=speed_options(args), world_size=world, **git_state())
+    return config
+
+
+# --------------------------------------------------------------------------------------------
+# Training: the optimizer, one step, the EMA, the log meter, compilation, evaluation, results.
+# --------------------------------------------------------------------------------------------
 
 def learning_rate(step: int, args) -> float:
     """The lr of optimizer step ``step`` (1-based): constant, then with --lr-cooldown N a linear decay over
@@ -725,9 +1129,15 @@ def learning_rate(step: int, args) -> float:
     return args.lr * min(1.0, (args.steps - step + 1) / args.lr_cooldown) if args.lr_cooldown else args.lr
 
 
+def make_optimizer(params, args) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=args.weight_decay,
+                             **{args.adam: True})
+
+
 def train_step(train_model, xt, t, y, noise, optimizer, scaler, params, *, amp_dtype, grad_clip):
     """Forward under autocast, epsilon MSE, backward, unscale, clip, step (the fp16 scaler skips the
-    step when the gradients overflowed). Returns the loss and the gradient norm, without a host sync."""
+    step when the gradients overflowed). Returns the loss and the gradient norm before clipping (not
+    finite exactly when the step was skipped), without a host sync."""
     with torch.autocast(xt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         pred = train_model(xt, t, y)
     loss = F.mse_loss(pred.float(), noise)
@@ -739,6 +1149,374 @@ def train_step(train_model, xt, t, y, noise, optimizer, scaler, params, *, amp_d
     optimizer.zero_grad(set_to_none=True)
     return loss.detach(), grad_norm
 
+
+class EMA:
+    """The protocol's EMA: ema <- ema + (1 - decay) (model - ema) after every step, from an initial copy
+    of the model (with its memory layout). Floating-point buffers (e.g. normalisation statistics a
+    method may keep) are averaged the same way; other buffers are copied."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
+        pairs = list(zip(self.module.parameters(), model.parameters()))
+        pairs += [(e, m) for e, m in zip(self.module.buffers(), model.buffers()) if m.is_floating_point()]
+        self.averaged, self.source = [e for e, _ in pairs], [m for _, m in pairs]
+        self.copied = [(e, m) for e, m in zip(self.module.buffers(), model.buffers()) if not m.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.averaged, self.source, 1 - self.decay)
+        for e, m in self.copied:
+            e.copy_(m)
+
+
+class Meter:
+    """Sums on the device between log points (no host sync); `read` is the one sync of an interval. With
+    the fp16 scaler, a step it skipped (non-finite gradient norm) leaves loss and grad norm out and is
+    counted, and so are the skips in a row; without it every step counts, so a non-finite one shows in
+    the mean and stops the run."""
+
+    def __init__(self, device, scaler_skips: bool):
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, grad norm, applied, skips in a row
+        self.steps, self.start, self.scaler_skips = 0, time.perf_counter(), scaler_skips
+
+    def add(self, loss, grad_norm) -> None:
+        applied = torch.isfinite(grad_norm) if self.scaler_skips else torch.ones((), dtype=torch.bool, device=loss.device)
+        self.sums[:3] += torch.stack([torch.where(applied, loss, 0.0).double(),
+                                      torch.where(applied, grad_norm, 0.0).double(), applied.double()])
+        self.sums[3] = torch.where(applied, 0.0, self.sums[3] + 1)
+        self.steps += 1
+
+    def read(self, world: int) -> dict:
+        if world > 1:  # every rank then sees the same numbers, so all stop together
+            dist.all_reduce(self.sums)
+            self.sums /= world
+        loss_sum, grad_sum, applied, in_a_row = self.sums.tolist()
+        applied = round(applied)
+        out = dict(loss=loss_sum / applied if applied else None, grad_norm=grad_sum / applied if applied else None,
+                   skipped_steps=self.steps - applied, skipped_in_a_row=round(in_a_row), steps=self.steps,
+                   seconds=time.perf_counter() - self.start)
+        self.sums[:3].zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return out
+
+
+def configure_backends(args, device) -> None:
+    """TF32 off unless asked (torch 2.14 would use it for fp32 convolutions), the cuDNN autotuner on for
+    the fixed training shapes, and the deterministic mode when asked; every setting made both ways, so a
+    process that runs several trainings (the tests) starts each from its own options."""
+    precision = "tf32" if args.tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not args.deterministic
+    torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first use
+    torch.use_deterministic_algorithms(args.deterministic)
+
+
+def compile_model(train_model, model, args, device, per_rank: int, amp_dtype):
+    """torch.compile, then one forward and backward on an input built exactly like the training batch
+    (shape, dtype, memory format), so that compilation happens here, inside the eager fallback, and the
+    steps reuse the graph. The probe's gradients are dropped and the model's buffers restored."""
+    buffers = [b.clone() for b in model.buffers()]
+    try:
+        compiled = torch.compile(train_model)
+        probe = torch.zeros(per_rank, 3, args.image_size, args.image_size, device=device)
+        if args.channels_last:
+            probe = probe.contiguous(memory_format=torch.channels_last)
+        ints = torch.zeros(per_rank, dtype=torch.long, device=device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = compiled(probe, ints, ints)
+        out.float().sum().mul(0).backward()  # (and lets DDP finish its first reduction)
+        return compiled
+    except Exception as e:
+        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"training eagerly", file=sys.stderr)
+        return train_model
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+
+
+def match_layouts(optimizer) -> None:
+    """AdamW's state in each parameter's memory layout (a checkpoint made without --channels-last resumed
+    with it, or the other way): fused AdamW refuses mixed layouts and foreach kernels slow down."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Run:
+    """What the loop, the evaluations and the results need, made once by train()."""
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    run_dir: Path
+    config: dict
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: object
+    class_names: list
+    scorer: object = None
+    heldout: object = None
+    step: int = 0
+    train_time: float = 0.0
+    evals: list = field(default_factory=list)
+    log_file: object = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, record: dict) -> None:
+        if self.is_main:
+            self.log_file.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n")
+            self.log_file.flush()
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            state = dict(model=self.model.state_dict(), ema=self.ema.module.state_dict(),
+                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=self.step,
+                         config=self.config, train_time=self.train_time, evals=self.evals)
+            atomic_write(self.run_dir / "checkpoint.pt", lambda f: torch.save(state, f))
+        if self.world > 1:
+            dist.barrier()
+
+
+def evaluate(run: Run, tag: str, num_samples: int) -> dict:
+    """Sample and score the weights the protocol names for this step: the raw network before
+    --ema-eval-start, the EMA from it on. Always a grid; FID (or the proxy) when on; the held-out
+    metrics when on. Logged, and returned."""
+    args = run.args
+    net = run.ema.module if run.step >= args.ema_eval_start else run.model
+    kw = dict(seed=args.seed, batch_size=args.sample_batch_size, ddim_steps=args.ddim_steps, image_size=args.image_size,
+              amp_dtype=run.amp_dtype, device=run.device, rank=run.rank, world=run.world)
+    grid = sample(net, torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class), tag="grid", desc="grid", **kw)
+    record = dict(step=run.step, eval=tag, weights="ema" if net is run.ema.module else "raw", grid=f"grid_{tag}.png")
+    if run.is_main:
+        save_grid(grid, run.class_names, args.grid_per_class, run.run_dir / record["grid"])
+    if args.fid != "off" and num_samples > 0:
+        labeller = CleanFID if args.fid == "clean" else DigitsProxy
+        labels = labeller.labels(num_samples, args.sample_batch_size, args.seed, tag)
+        images = sample(net, labels, tag=tag, desc=f"sampling {num_samples}", **kw)
+        if run.is_main:
+            record.update(run.scorer(images, labels))
+            if args.save_samples and tag == "final":
+                atomic_write(run.run_dir / "samples.npz", lambda f: np.savez_compressed(
+                    f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
+    if run.heldout is not None and run.is_main:
+        record.update(run.heldout(net, run.amp_dtype))
+    if run.world > 1:
+        dist.barrier()
+    run.log(record)
+    return record
+
+
+def assemble_results(run: Run, final: dict) -> dict:
+    """results.json: the final and best metrics, every evaluation, and everything that made the run."""
+    args, primary = run.args, run.scorer.primary if run.scorer is not None else "fid"
+    scored = [e for e in run.evals if e.get(primary) is not None]
+    best = min(scored, key=lambda e: e[primary]) if scored else {}
+    results = dict(scale=args.scale, method=args.method, dataset=args.dataset, seed=args.seed,
+                   best_fid=None, best_fid_step=None, fid=None, fid_samples=None)
+    results.update({f"best_{primary}": best.get(primary), f"best_{primary}_step": best.get("step")})
+    results.update({k: v for k, v in final.items() if k not in ("step", "eval", "weights", "grid")})
+    c = run.config
+    results.update(
+        method_sha256=c["method_sha256"], fid_resize=args.fid_resize if args.fid == "clean" else None,
+        speed_options=c["speed_options"], world_size=run.world, evals=run.evals + [final], grid=final["grid"],
+        params=c["params"], budget=c["budget"], within_budget=c["within_budget"], steps=run.step,
+        train_time_s=run.train_time, images_per_s=run.step * args.batch_size / max(run.train_time, 1e-9),
+        protocol_deviations=c["protocol_deviations"], git_commit=c["git_commit"], git_dirty=c["git_dirty"],
+        versions=dict(torch=torch.__version__, diffusers=version("diffusers"), clean_fid=version("clean-fid"),
+                      python=platform.python_version()),
+        device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+        peak_memory_gib=torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None,
+        config=c,
+    )
+    return results
+
+
+def print_results(results: dict, run_dir: Path) -> None:
+    print(f"\n{run_dir}")
+    for key in ("best_fid", "best_fid_step", "fid", "proxy_fd", "class_acc", "heldout_loss", "label_acc", "params",
+                "steps", "images_per_s"):
+        value = results.get(key)
+        if value is not None:
+            print(f"  {key:<14} {value:,.4f}" if isinstance(value, float) else f"  {key:<14} {value:,}")
+    print(f"  {'grid':<14} {run_dir / results['grid']}")
+
+
+def log_point(run: Run, meter: Meter, pbar) -> None:
+    """The interval's one host sync (after the GPU finished the interval's work, so images/s is true),
+    its log line, and the stops: a non-finite loss, or an fp16 scaler that skipped every step."""
+    sync(run.device)
+    m = meter.read(run.world)
+    run.train_time += m["seconds"]
+    first, step, ckpt = run.step - m["steps"], run.step, run.run_dir / "checkpoint.pt"
+    record = dict(step=step, loss=m["loss"], lr=run.optimizer.param_groups[0]["lr"], grad_norm=m["grad_norm"],
+                  loss_scale=run.scaler.get_scale() if run.scaler.is_enabled() else None,
+                  skipped_steps=m["skipped_steps"], images_per_s=m["steps"] * run.args.batch_size / m["seconds"])
+    run.log(record)
+    if m["loss"] is None and m["skipped_in_a_row"] >= SCALER_COLLAPSE_STEPS:
+        pbar.close()
+        raise HarnessError(f"every step between {first} and {step} overflowed in fp16 ({m['skipped_in_a_row']} in a "
+                           f"row, loss scale now {record['loss_scale']:g}): the gradient scaler has collapsed; the last "
+                           f"good checkpoint is kept in {ckpt} (try --precision bf16 or a lower --lr)")
+    if m["loss"] is None:  # the scaler's warm-up at a short --log-every: nothing to show yet
+        return
+    if not math.isfinite(m["loss"]):
+        pbar.close()
+        raise HarnessError(f"the loss became non-finite ({m['loss']}) between steps {first} and {step}; the last good "
+                           f"checkpoint is kept in {ckpt} (try a lower --lr or --precision fp16)")
+    pbar.set_postfix(loss=f"{m['loss']:.4f}")
+
+
+def dry_run(args, config: dict, run_dir: Path) -> dict:
+    """What the run would be: the resolved options, the deviations and what happens to the run directory."""
+    try:
+        action, _ = plan_run(args, config, run_dir)
+        action = {"new": "start a new run" + (" (deleting what is there: --overwrite)" if args.overwrite and run_dir.exists()
+                                              else ""),
+                  "resume": "resume its checkpoint", "extend": f"train the finished run on to {args.steps} steps",
+                  "done": "nothing: it finished with these options and code"}[action]
+    except HarnessError as e:
+        action = f"refuse: {e}"
+    shown = {k: v for k, v in config.items() if k != "method_source"}
+    print(json.dumps(shown, indent=2))
+    print(f"\nrun directory: {run_dir}\nwould: {action}\nprotocol deviations: "
+          + ("; ".join(config["protocol_deviations"]) or "none"))
+    return dict(config=shown, action=action)
+
+
+def train(args, rank: int, world: int) -> dict | None:
+    """One run. Rank 0 writes every file; with several processes each takes a slice of every global
+    batch (drawn whole, so the run does not depend on their number)."""
+    # 1. Setup: backends, what the run directory holds, the model, its EMA and optimizer, data, scorers.
+    device = torch.device(args.device)
+    configure_backends(args, device)
+    run_dir = Path(args.out_dir) / args.run_name
+    config = run_config(args, world)
+    action, saved = plan_run(args, config, run_dir)
+    if action == "done":
+        if rank == 0:
+            print(f"{run_dir} finished with these options and code; nothing to do", file=sys.stderr)
+        return saved
+    if config["params"] > config["budget"] and not args.ignore_budget:
+        raise HarnessError(f"method '{args.method}' has {config['params']:,} parameters at scale {args.scale}, over "
+                           f"the budget of {config['budget']:,} (1.05 x cross-attn); shrink it or pass --ignore-budget")
+    torch.manual_seed(args.seed)
+    model = build_model(args.scale, args.method, args.image_size).to(device)
+    check_method_contract(model, args.method, device)
+    if args.channels_last:  # before the EMA copy and the optimizer: all three share one layout
+        model.to(memory_format=torch.channels_last)
+    ema = EMA(model, args.ema_decay)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.precision]
+    run = Run(args, device, rank, world, run_dir, config, model, ema, make_optimizer(model.parameters(), args),
+              torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE, enabled=args.precision == "fp16"),
+              amp_dtype, class_names=[])
+    images, labels, run.class_names = load_dataset(args, "train")
+    if len(images) < args.batch_size:
+        raise HarnessError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
+    noise_scheduler = ddpm_scheduler()
+    batches = TrainingBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), args, rank,
+                              world, noise_scheduler)
+    if run.is_main and args.fid != "off":  # rank 0 scores the gathered samples
+        try:
+            run.scorer = CleanFID(device, args.fid_cache, args.fid_resize) if args.fid == "clean" else \
+                DigitsProxy(args.cache_dir, device)
+        except proxy.ProxyError as e:
+            raise HarnessError(str(e)) from e
+    if run.is_main and args.heldout_draws:
+        held_images, held_labels, _ = load_dataset(args, "held-out")
+        run.heldout = HeldOutMetrics(held_images, held_labels, device, draws=args.heldout_draws,
+                                     label_draws=args.label_draws, metric_seed=args.metric_seed,
+                                     batch_size=args.sample_batch_size)
+
+    # 2. Resume: a checkpoint (interrupted, or a finished run asked for more steps) continues exactly.
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        ema.module.load_state_dict(saved["ema"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+        match_layouts(run.optimizer)
+        run.scaler.load_state_dict(saved["scaler"])
+        run.step, run.train_time, run.evals = saved["step"], saved["train_time"], saved["evals"]
+        if rank == 0:
+            print(f"{'resumed' if action == 'resume' else 'training on'} {run_dir} at step {run.step}", file=sys.stderr)
+    log_path = run_dir / "log.jsonl"
+    if rank == 0:
+        if action == "new" and run_dir.exists():
+            shutil.rmtree(run_dir)  # --overwrite, asked for explicitly
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if action == "extend":  # the old result stays as history; the run is unfinished until the new one is written
+            os.replace(run_dir / "results.json", run_dir / f"results-step{run.step:06d}.json")
+        write_json(run_dir / "config.json", config)
+        if saved is not None and log_path.exists():  # drop log lines written after the checkpoint we resume from
+            kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= run.step]
+            atomic_write(log_path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))
+        run.log_file = open(log_path, "a")
+    if world > 1:
+        dist.barrier()
+    per_rank = args.batch_size // world
+    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if args.compile:
+        train_model = compile_model(train_model, model, args, device, per_rank, amp_dtype)
+    params = list(model.parameters())
+
+    # 3. The loop: a step, the EMA, and at log points the one host sync, evaluations and checkpoints.
+    model.train()
+    pbar = tqdm(total=args.steps, initial=run.step, desc=run_dir.name, dynamic_ncols=True, unit="step", disable=rank > 0)
+    meter = Meter(device, run.scaler.is_enabled())
+    while run.step < args.steps:
+        step = run.step + 1
+        xt, t, y, noise = batches(step)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        seed_global_rngs(args.seed, step, rank)
+        loss, grad_norm = train_step(train_model, xt, t, y, noise, run.optimizer, run.scaler, params,
+                                     amp_dtype=amp_dtype, grad_clip=args.grad_clip)
+        ema.update()
+        meter.add(loss, grad_norm)
+        run.step = step
+        pbar.update(1)
+        last = step == args.steps
+        evaluating = (step % args.eval_every == 0 or last) and not (last and args.fid_samples == 0)
+        checkpointing = step % args.ckpt_every == 0 or last
+        if step % args.log_every == 0 or evaluating or checkpointing:
+            log_point(run, meter, pbar)
+            if evaluating:
+                run.evals.append(evaluate(run, f"step{step:06d}", args.fid_samples))
+            if checkpointing:
+                run.save_checkpoint()
+            meter.start = time.perf_counter()
+    pbar.close()
+
+    # 4. The final, independent evaluation; 5. the results, written last and atomically.
+    final = evaluate(run, "final", args.final_fid_samples)
+    if not run.is_main:
+        return None
+    results = assemble_results(run, final)
+    write_json(run_dir / "results.json", results)
+    run.log_file.close()
+    print_results(results, run_dir)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# main: the exits that need no training, then one run.
+# --------------------------------------------------------------------------------------------
 
 def init_distributed(args) -> tuple[int, int]:
     """(rank, world size). torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain launch is one process."""
@@ -754,15 +1532,6 @@ def init_distributed(args) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def speed_options(args) -> list[str]:
-    """The options that change speed but not the protocol's arithmetic (beyond rounding)."""
-    return [name for name in ("compile", "channels_last", "tf32", "fused_adam") if getattr(args, name)]
-
-
-# --------------------------------------------------------------------------------------------
-# The run.
-# --------------------------------------------------------------------------------------------
-
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.list_methods:
@@ -773,263 +1542,24 @@ def main(argv=None) -> dict | None:
     get_method(args.method)
     if args.count_params:
         params, budget = params_and_budget(args.scale, args.method)
-        result = dict(scale=args.scale, method=args.method, params=params, budget=budget,
-                      within_budget=params <= budget)
+        result = dict(scale=args.scale, method=args.method, params=params, budget=budget, within_budget=params <= budget)
         print(json.dumps(result))
         return result
-
     if args.prefetch:
         if args.fid_cache is None:
             raise HarnessError("--prefetch needs --fid-cache DIR: the folder that runs will be given")
         prefetch(Path(args.data_dir), args.fid_cache)
         return None
     resolve_defaults(args)
+    if args.dry_run:
+        return dry_run(args, run_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
+                       Path(args.out_dir) / args.run_name)
     rank, world = init_distributed(args)
     try:
         return train(args, rank, world)
     finally:
         if world > 1:
             dist.destroy_process_group()
-
-
-def train(args, rank: int, world: int) -> dict:
-    """One run: rank 0 writes every file; with several processes each takes a slice of every global
-    batch (the batch, its noise and its flips are drawn whole, so the run does not depend on world)."""
-    is_main = rank == 0
-    device = torch.device(args.device)
-    if args.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    run_dir = Path(args.out_dir) / args.run_name
-    ckpt_path, results_path = run_dir / "checkpoint.pt", run_dir / "results.json"
-    if results_path.exists():
-        if args.resume:  # --resume brings a run to completion; a finished one has nothing left to do
-            print(f"{run_dir} is finished ({results_path.name}); nothing to resume", file=sys.stderr)
-            return json.loads(results_path.read_text())
-        raise HarnessError(f"{run_dir} holds a finished run ({results_path.name}); choose another --run-name "
-                           f"or --out-dir")
-    resuming = args.resume and ckpt_path.exists()
-    if ckpt_path.exists() and not args.resume:
-        raise HarnessError(f"{run_dir} already holds a run's checkpoint; pass --resume to continue it, or choose "
-                           f"another --run-name")
-
-    # Model, the method's contract, and its budget: all checked before any data is touched.
-    torch.manual_seed(args.seed)
-    model = build_model(args.scale, args.method, args.image_size).to(device)
-    check_method_contract(model, args.method, device)
-    params, budget = params_and_budget(args.scale, args.method)
-    if params > budget and not args.ignore_budget:
-        raise HarnessError(f"method '{args.method}' has {params:,} parameters at scale {args.scale}, over the "
-                           f"budget of {budget:,} (1.05 x cross-attn); shrink it or pass --ignore-budget")
-    ema = copy.deepcopy(model).requires_grad_(False)
-    model_params, ema_params = list(model.parameters()), list(ema.parameters())
-
-    images, labels, class_names = load_dataset(args)
-    images, labels = torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
-    if len(images) < args.batch_size:
-        raise HarnessError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
-    batches_per_epoch = len(images) // args.batch_size  # the incomplete last batch of an epoch is dropped
-    per_rank = args.batch_size // world
-    scorer = None
-    if is_main and args.fid != "off":  # rank 0 scores the gathered samples
-        try:
-            scorer = CleanFID(device, args.fid_cache, args.fid_resize) if args.fid == "clean" else \
-                DigitsProxy(args.cache_dir, device)
-        except proxy.ProxyError as e:
-            raise HarnessError(str(e)) from e
-
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS,
-                                  weight_decay=args.weight_decay,  # foreach: CUDA's default, on CPU too
-                                  **(dict(fused=True) if args.fused_adam else dict(foreach=True)))
-    noise_scheduler = ddpm_scheduler()
-
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-              if k not in ("list_methods", "count_params", "resume", "prefetch")}
-    step, train_time, evals = 0, 0.0, []
-    if resuming:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        for key in RESUME_KEYS:
-            made_with = ckpt["config"].get(key, RESUME_DEFAULTS.get(key))
-            if made_with != config[key]:
-                raise HarnessError(f"--resume: the checkpoint in {run_dir} was made with {key}="
-                                   f"{made_with}, not {config[key]}; pass the same options")
-        if args.lr_cooldown and ckpt["config"]["steps"] != args.steps:
-            raise HarnessError(f"--resume: the checkpoint was made with steps={ckpt['config']['steps']}, not "
-                               f"{args.steps}; with --lr-cooldown the steps place the decay, so pass the same --steps")
-        if ckpt["step"] > args.steps:
-            raise HarnessError(f"--resume: the checkpoint is at step {ckpt['step']}, past --steps {args.steps}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"])
-        step, train_time, evals = ckpt["step"], ckpt["train_time"], ckpt["evals"]
-        if is_main:
-            print(f"resumed {run_dir} at step {step}", file=sys.stderr)
-    config.update(params=params, budget=budget, protocol_deviations=protocol_deviations(args),
-                  speed_options=speed_options(args), world_size=world)
-    log_path = run_dir / "log.jsonl"
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config)
-        if resuming and log_path.exists():  # drop log lines written after the checkpoint we resume from
-            kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            atomic_write(log_path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))
-    log_file = open(log_path, "a") if is_main else None
-
-    def log(record):
-        if is_main:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def save_checkpoint():
-        if is_main:
-            state = dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), step=step, rng=rng_states(), config=config,
-                         train_time=train_time, evals=evals)
-            atomic_write(ckpt_path, lambda f: torch.save(state, f))
-        if world > 1:
-            dist.barrier()
-
-    # What the training step calls: the model, in channels_last, wrapped for DDP, compiled, as asked.
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    if args.compile:
-        try:
-            compiled = torch.compile(train_model)
-            probe = torch.zeros(per_rank, 3, args.image_size, args.image_size, device=device)
-            zeros = torch.zeros(per_rank, dtype=torch.long, device=device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = compiled(probe, zeros, zeros)
-            out.float().sum().mul(0).backward()  # compile forward and backward now, not mid-run (and let DDP
-            model.zero_grad(set_to_none=True)    # finish its reduction); the zero gradients are dropped
-            train_model = compiled
-        except Exception as e:
-            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                  f"training eagerly", file=sys.stderr)
-
-    def evaluate(tag: str, num_samples: int) -> dict:
-        """Grid (always) and FID (if on) from the EMA weights, or the raw ones before --ema-eval-start."""
-        net = ema if step >= args.ema_eval_start else model
-        kw = dict(seed=args.seed, batch_size=args.sample_batch_size, ddim_steps=args.ddim_steps,
-                  image_size=args.image_size, amp_dtype=amp_dtype, device=device, rank=rank, world=world)
-        grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class)
-        grid = sample(net, grid_labels, tag="grid", desc="grid", **kw)  # the same noise at every evaluation
-        grid_name = f"grid_{tag}.png"
-        if is_main:
-            save_grid(grid, class_names, args.grid_per_class, run_dir / grid_name)
-        record = dict(step=step, eval=tag, weights="ema" if net is ema else "raw", grid=grid_name)
-        if args.fid != "off" and num_samples > 0:
-            labeller = CleanFID if args.fid == "clean" else DigitsProxy
-            sample_labels = labeller.labels(num_samples, args.sample_batch_size, args.seed, tag)
-            images_out = sample(net, sample_labels, tag=tag, desc=f"sampling {num_samples}", **kw)
-            if is_main:
-                record.update(scorer(images_out, sample_labels))
-            if is_main and args.save_samples and tag == "final":
-                atomic_write(run_dir / "samples.npz", lambda f: np.savez_compressed(
-                    f, images=images_out.permute(0, 2, 3, 1).numpy(), labels=sample_labels.numpy()))
-        log(record)
-        return record
-
-    # The training loop.
-    model.train()
-    pbar = tqdm(total=args.steps, initial=step, desc=run_dir.name, dynamic_ncols=True, unit="step", disable=not is_main)
-    loss_sum = torch.zeros((), device=device)
-    grad_norm_sum = torch.zeros((), device=device)
-    interval_steps, interval_start = 0, time.perf_counter()
-    order, order_epoch = None, -1
-    while step < args.steps:
-        if order_epoch != step // batches_per_epoch:
-            order_epoch = step // batches_per_epoch
-            order = epoch_order(args.seed, order_epoch, len(images)).to(device)
-        idx = order[(step % batches_per_epoch) * args.batch_size:][:args.batch_size]
-        step += 1
-        # The global batch's flips, timesteps and noise, drawn whole, then this rank's slice of them.
-        rng = generator(device, args.seed, "train", step)
-        shape = (args.batch_size, 3, args.image_size, args.image_size)
-        flip = torch.rand(args.batch_size, device=device, generator=rng) < 0.5 if args.hflip else None
-        t = torch.randint(0, TRAIN_TIMESTEPS, (args.batch_size,), device=device, generator=rng)
-        noise = torch.randn(shape, device=device, generator=rng)
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        idx, t, noise = idx[mine], t[mine], noise[mine]
-        x0 = images[idx].float() / 127.5 - 1
-        if flip is not None:
-            x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
-        xt = noise_scheduler.add_noise(x0, noise, t)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        if args.channels_last:
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        loss, grad_norm = train_step(train_model, xt, t, labels[idx], noise, optimizer, scaler, model_params,
-                                     amp_dtype=amp_dtype, grad_clip=args.grad_clip)
-        torch._foreach_lerp_(ema_params, model_params, 1 - args.ema_decay)
-        loss_sum += loss
-        grad_norm_sum += grad_norm
-        interval_steps += 1
-        pbar.update(1)
-
-        is_last = step == args.steps
-        # a last-step evaluation without samples would only repeat the final evaluation's grid
-        evaluating = (step % args.eval_every == 0 or is_last) and not (is_last and args.fid_samples == 0)
-        checkpointing = step % args.ckpt_every == 0 or is_last
-        if step % args.log_every == 0 or evaluating or checkpointing:
-            elapsed = time.perf_counter() - interval_start
-            train_time += elapsed
-            if world > 1:  # every rank sees the same mean loss, so all stop together on a non-finite one
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            mean_loss = (loss_sum / interval_steps).item()
-            if not math.isfinite(mean_loss) and not scaler.is_enabled():
-                pbar.close()
-                raise HarnessError(f"the loss became non-finite ({mean_loss}) between steps {step - interval_steps} "
-                                   f"and {step}; the last good checkpoint is kept in {ckpt_path} (try a lower --lr "
-                                   f"or --precision fp16)")
-            log(dict(step=step, loss=mean_loss, lr=optimizer.param_groups[0]["lr"],
-                     grad_norm=(grad_norm_sum / interval_steps).item(),
-                     images_per_s=interval_steps * args.batch_size / elapsed))
-            pbar.set_postfix(loss=f"{mean_loss:.4f}")
-            loss_sum.zero_(), grad_norm_sum.zero_()
-            interval_steps = 0
-            if evaluating:
-                evals.append(evaluate(f"step{step:06d}", args.fid_samples))
-            if checkpointing:
-                save_checkpoint()
-            interval_start = time.perf_counter()
-    pbar.close()
-
-    # The final, independent evaluation, then the results (written last, atomically).
-    final = evaluate("final", args.final_fid_samples)
-    if not is_main:
-        return None
-    primary = scorer.primary if scorer is not None else "fid"
-    scored = [e for e in evals if primary in e]
-    best = min(scored, key=lambda e: e[primary]) if scored else {}
-    results = dict(scale=args.scale, method=args.method, dataset=args.dataset, seed=args.seed,
-                   best_fid=None, best_fid_step=None, fid=None, fid_samples=None)
-    results.update({f"best_{primary}": best.get(primary), f"best_{primary}_step": best.get("step")})
-    results.update({k: v for k, v in final.items() if k not in ("step", "eval", "weights", "grid")})
-    results.update(
-        fid_resize=args.fid_resize if args.fid == "clean" else None, speed_options=config["speed_options"],
-        world_size=world,
-        evals=evals + [final], grid=final["grid"], params=params, budget=budget, within_budget=params <= budget,
-        steps=step, train_time_s=train_time, images_per_s=step * args.batch_size / max(train_time, 1e-9),
-        protocol_deviations=config["protocol_deviations"],
-        versions=dict(torch=torch.__version__, diffusers=version("diffusers"), clean_fid=version("clean-fid"),
-                      python=platform.python_version()),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-    )
-    write_json(results_path, results)
-    log_file.close()
-    shown = ["best_fid", "best_fid_step", "fid", "proxy_fd", "class_acc", "params", "steps", "images_per_s"]
-    print(f"\n{run_dir}")
-    for key in shown:
-        if results.get(key) is not None:
-            value = results[key]
-            print(f"  {key:<14} {value:,.4f}" if isinstance(value, float) else f"  {key:<14} {value:,}")
-    print(f"  {'grid':<14} {run_dir / final['grid']}")
-    return results
 
 
 if __name__ == "__main__":

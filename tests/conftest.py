@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny CIFAR-10 in the real on-disk format, and a stand-in for clean-fid's Inception."""
+import copy
 import pickle
 import sys
 from pathlib import Path
@@ -90,3 +91,39 @@ def stand_in_fid(monkeypatch, tmp_path):
         return feats
 
     return type("StandIn", (), dict(extractor=extractor, requested=requested, write_stats=staticmethod(write_stats)))
+
+
+class Spy:
+    """Wraps build_model and the DDPM scheduler: the initial weights, and for every training forward
+    the weights it ran with, its inputs (x_t, t, y), and the clean images and noise of add_noise."""
+
+    def __init__(self, monkeypatch):
+        self.initial, self.weights, self.inputs, self.x0, self.noise = None, [], [], [], []
+        real_build, real_scheduler = custom_train.build_model, custom_train.ddpm_scheduler
+
+        def build_model(*args, **kwargs):
+            model = real_build(*args, **kwargs)
+            if next(model.parameters()).device.type == "meta":  # the parameter count's throw-away models
+                return model
+            self.initial = copy.deepcopy(model)
+
+            def record(module, args, kwargs):
+                if module.training and torch.is_grad_enabled():
+                    self.weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+                    self.inputs.append(tuple(a.detach().clone() for a in args))
+            model.register_forward_pre_hook(record, with_kwargs=True)
+            return model
+
+        def ddpm_scheduler():
+            scheduler = real_scheduler()
+            add_noise = scheduler.add_noise
+
+            def recording_add_noise(x0, noise, t):
+                self.x0.append(x0.detach().clone())
+                self.noise.append(noise.detach().clone())
+                return add_noise(x0, noise, t)
+            scheduler.add_noise = recording_add_noise
+            return scheduler
+
+        monkeypatch.setattr(custom_train, "build_model", build_model)
+        monkeypatch.setattr(custom_train, "ddpm_scheduler", ddpm_scheduler)

@@ -5,7 +5,6 @@ which weights each evaluation samples, the flips, the FID statistics and the FID
 The runs go through custom_train.main; spies record what the harness computed with (the initial
 weights, each step's model inputs and noise, the networks handed to the sampler), and the test
 recomputes it by hand."""
-import copy
 import json
 
 import numpy as np
@@ -14,44 +13,10 @@ import torch
 import torch.nn.functional as F
 
 import custom_train
+from conftest import Spy
 
-FAST = ["--scale", "tiny", "--ddim-steps", "2", "--grid-per-class", "1", "--sample-batch-size", "8", "--log-every", "1"]
-
-
-class Spy:
-    """Wraps build_model and the DDPM scheduler: the initial weights, and for every training forward
-    the weights it ran with, its inputs (x_t, t, y), and the clean images and noise of add_noise."""
-
-    def __init__(self, monkeypatch):
-        self.initial, self.weights, self.inputs, self.x0, self.noise = None, [], [], [], []
-        real_build, real_scheduler = custom_train.build_model, custom_train.ddpm_scheduler
-
-        def build_model(*args, **kwargs):
-            model = real_build(*args, **kwargs)
-            if next(model.parameters()).device.type == "meta":  # the parameter count's throw-away models
-                return model
-            self.initial = copy.deepcopy(model)
-
-            def record(module, args, kwargs):
-                if module.training and torch.is_grad_enabled():
-                    self.weights.append({k: v.detach().clone() for k, v in module.state_dict().items()})
-                    self.inputs.append(tuple(a.detach().clone() for a in args))
-            model.register_forward_pre_hook(record, with_kwargs=True)
-            return model
-
-        def ddpm_scheduler():
-            scheduler = real_scheduler()
-            add_noise = scheduler.add_noise
-
-            def recording_add_noise(x0, noise, t):
-                self.x0.append(x0.detach().clone())
-                self.noise.append(noise.detach().clone())
-                return add_noise(x0, noise, t)
-            scheduler.add_noise = recording_add_noise
-            return scheduler
-
-        monkeypatch.setattr(custom_train, "build_model", build_model)
-        monkeypatch.setattr(custom_train, "ddpm_scheduler", ddpm_scheduler)
+FAST = ["--scale", "tiny", "--ddim-steps", "2", "--grid-per-class", "1", "--sample-batch-size", "8", "--log-every", "1",
+        "--heldout-draws", "0"]
 
 
 def main(tmp_path, cifar_dir, *extra, method="concat-film"):
@@ -169,7 +134,7 @@ def test_flips_are_off_for_digits(tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
     images, _, _ = proxy.load_digits("train")
     custom_train.main(["--preset", "demo", "--steps", "4", "--batch-size", "16", "--fid", "off", "--ddim-steps", "2",
-                       "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film"])
+                       "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film", "--heldout-draws", "0"])
     as_is = {img.tobytes() for img in images}
     asymmetric = {img.tobytes() for img in images if not np.array_equal(img, img[:, :, ::-1])}
     seen = [np.round((x.numpy() + 1) * 127.5).astype(np.uint8).tobytes() for batch in spy.x0 for x in batch]

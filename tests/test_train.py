@@ -1,5 +1,6 @@
-"""Training and evaluation end to end at tiny scale: results files, exact resume, refusals, the
-non-finite guard, and the FID path through clean-fid's own code with a stand-in Inception."""
+"""Training and evaluation end to end at tiny scale: results files, exact resume, what a run directory
+may be reused for (and what it may not), refusals, the non-finite guard, and the FID path through
+clean-fid's own code with a stand-in Inception."""
 import json
 
 import numpy as np
@@ -8,16 +9,22 @@ import torch
 from PIL import Image
 
 import custom_train
-from conftest import write_tiny_cifar10
 from custom_train import HarnessError
 
 FAST = ["--scale", "tiny", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1",
-        "--sample-batch-size", "8", "--log-every", "2"]
+        "--sample-batch-size", "8", "--log-every", "2", "--heldout-draws", "0"]
 
 
 def run(tmp_path, data_dir, *extra, method="cross-attn"):
     return custom_train.main(FAST + ["--method", method, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "runs"),
                                      *map(str, extra)])
+
+
+def strict_json_lines(path):
+    """Every line of a log as strict JSON: NaN or Infinity would be an error, not a number."""
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}, which is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 def test_quantize_truncates_exactly_as_the_protocol():
@@ -37,7 +44,7 @@ def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
     images, _, _ = custom_train.load_cifar10(cifar_dir)
     stand_in_fid.write_stats(images)
     results = run(tmp_path, cifar_dir, "--steps", 4, "--eval-every", 2, "--fid-samples", 8,
-                  "--final-fid-samples", 12, "--save-samples")
+                  "--final-fid-samples", 12, "--save-samples", "--heldout-draws", 2, "--label-draws", 1)
     run_dir = tmp_path / "runs" / "tiny-cross-attn-s42"
     assert stand_in_fid.requested and stand_in_fid.requested[0].endswith("/cifar10_clean_train_32.npz")
 
@@ -50,17 +57,25 @@ def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
     assert {"torch", "diffusers", "clean_fid"} <= set(saved["versions"]) and saved["images_per_s"] > 0
     assert "scale=tiny (protocol: small, medium or large)" in saved["protocol_deviations"]
     assert "steps=4 (protocol: 35000)" in saved["protocol_deviations"]
+    assert all(np.isfinite(e["heldout_loss"]) and 0 <= e["label_acc"] <= 1 for e in saved["evals"])
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["lr"] == 2e-4 and config["ema_decay"] == 0.9995 and config["precision"] == "fp32"
-    assert config["protocol_deviations"] == saved["protocol_deviations"]
+    assert config["protocol_deviations"] == saved["protocol_deviations"] and saved["config"] == config
     assert "precision=fp32 (protocol: fp16)" in config["protocol_deviations"]
+    # what made the run: every option, the method's code and its hash, the commit
+    assert {name for name in custom_train.ALL_OPTIONS if name not in ("list_methods", "count_params", "dry_run",
+                                                                     "resume", "overwrite", "prefetch")} <= set(config)
+    assert "class CrossAttentionLayer(nn.Module)" in config["method_source"]
+    assert "def time_only(" in config["method_source"] and "def zero_module(" in config["method_source"]
+    assert config["method_sha256"] == saved["method_sha256"] == custom_train.method_sha256("cross-attn")
+    assert len(config["git_commit"]) == 40 and isinstance(config["git_dirty"], bool)
 
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = strict_json_lines(run_dir / "log.jsonl")
     train_lines = [r for r in log if "loss" in r]
     assert [r["step"] for r in train_lines] == [2, 4]
     assert all(np.isfinite(r["loss"]) and r["lr"] == 2e-4 and r["grad_norm"] > 0 and r["images_per_s"] > 0
-               for r in train_lines)
+               and r["skipped_steps"] == 0 and r["loss_scale"] is None for r in train_lines)
 
     samples = np.load(run_dir / "samples.npz")
     assert samples["images"].shape == (12, 32, 32, 3) and samples["images"].dtype == np.uint8
@@ -69,7 +84,7 @@ def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
     assert grid.size == (80 + 32 * 2, 10 * 32 * 2)
     assert (run_dir / "grid_step000002.png").exists() and (run_dir / "checkpoint.pt").exists()
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert ckpt["step"] == 4 and {"model", "ema", "optimizer", "scaler", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 4 and {"model", "ema", "optimizer", "scaler", "config"} <= set(ckpt)
 
 
 def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
@@ -85,46 +100,59 @@ def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
     assert fid(noise, labels, batch_size=32)["fid"] > 0.01
 
 
-def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch):
-    """8 steps straight vs. 8 steps with a crash in step 7 and --resume from the step-4 checkpoint
-    (the step-6 log line of the crashed run must be dropped, not duplicated), with the learning rate
-    decaying over the last 6 steps, across the checkpoint."""
-    args = ["--steps", 8, "--ckpt-every", 4, "--fid", "off", "--ema-decay", "0.9", "--lr-cooldown", 6, "--lr", "1e-3"]
-    run(tmp_path / "straight", cifar_dir, *args)
-    straight = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
-
-    real_scheduler = custom_train.ddpm_scheduler
+def crash_at_step(monkeypatch, n):
+    """Make the n-th training batch of the next run raise KeyboardInterrupt (the power goes out)."""
+    real = custom_train.ddpm_scheduler
     calls = {"n": 0}
 
     def crashing_scheduler():
-        s = real_scheduler()
+        s = real()
         add_noise = s.add_noise
 
         def add_noise_then_crash(*a):
             calls["n"] += 1
-            if calls["n"] == 7:
-                raise KeyboardInterrupt  # the power goes out during step 7
+            if calls["n"] == n:
+                raise KeyboardInterrupt
             return add_noise(*a)
         s.add_noise = add_noise_then_crash
         return s
-
     monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing_scheduler)
+    return lambda: monkeypatch.setattr(custom_train, "ddpm_scheduler", real)
+
+
+def assert_same_state(a, b, parts=("model", "ema")):
+    for part in parts:
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs"
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch):
+    """8 steps straight vs. 8 steps with a crash in step 7 and --resume from the step-4 checkpoint
+    (the step-6 log line of the crashed run must be dropped, not duplicated), with the learning rate
+    decaying over the last 6 steps, across the checkpoint. The checkpoint is read onto the CPU."""
+    args = ["--steps", 8, "--ckpt-every", 4, "--fid", "off", "--ema-decay", "0.9", "--lr-cooldown", 6, "--lr", "1e-3"]
+    run(tmp_path / "straight", cifar_dir, *args)
+    straight = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+
+    restore = crash_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", cifar_dir, *args)
     run_dir = tmp_path / "crashed/runs/tiny-cross-attn-s42"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", real_scheduler)
+    restore()
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
     run(tmp_path / "crashed", cifar_dir, *args, "--resume")
+    assert loads == ["cpu"]  # never onto the training device: load_state_dict places every tensor
+    monkeypatch.setattr(torch, "load", real_load)
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
     assert resumed["step"] == straight["step"] == 8
-    for name in ("ema", "model"):
-        for key, value in straight[name].items():
-            assert torch.equal(value, resumed[name][key]), f"{name}.{key} differs after resume"
+    assert_same_state(straight, resumed)
 
     def log_without_timing(path):
-        return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
-                for line in path.read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in strict_json_lines(path)]
     # the lines the crashed run wrote after its checkpoint are dropped, not duplicated
     assert log_without_timing(run_dir / "log.jsonl") == log_without_timing(
         tmp_path / "straight/runs/tiny-cross-attn-s42/log.jsonl")
@@ -132,24 +160,76 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch)
     assert [r["lr"] for r in log_without_timing(run_dir / "log.jsonl") if "lr" in r] == pytest.approx([1e-3, 1e-3 * 5 / 6,
                                                                                           1e-3 * 3 / 6, 1e-3 / 6])
     assert "lr_cooldown=6 (protocol: 0)" in json.loads((run_dir / "config.json").read_text())["protocol_deviations"]
+    with pytest.raises(HarnessError, match="with --lr-cooldown 6, which the steps place; it cannot be trained further"):
+        run(tmp_path / "crashed", cifar_dir, "--steps", 10, *args[2:], "--resume")
     (run_dir / "results.json").unlink()  # unfinished again, its checkpoint in the cooldown: the decay is fixed
     with pytest.raises(HarnessError, match="with --lr-cooldown the steps place the decay"):
         run(tmp_path / "crashed", cifar_dir, "--steps", 10, *args[2:], "--resume")
 
 
+def test_asking_for_more_steps_trains_a_finished_run_on(tmp_path, cifar_dir):
+    """A finished 3-step run resumed with --steps 6 equals a 6-step run from the start (model, EMA and
+    AdamW's state, bit for bit); its 3-step result stays beside it as history. Fewer steps are refused."""
+    args = ["--fid", "off", "--ema-decay", "0.9", "--lr", "1e-3"]
+    run(tmp_path / "straight", cifar_dir, "--steps", 6, *args)
+    first = run(tmp_path / "grown", cifar_dir, "--steps", 3, *args)
+    grown = run(tmp_path / "grown", cifar_dir, "--steps", 6, *args, "--resume")
+    run_dir = tmp_path / "grown/runs/tiny-cross-attn-s42"
+    a = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+    b = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6 and grown["steps"] == 6 and first["steps"] == 3
+    assert_same_state(a, b)
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert json.loads((run_dir / "results-step000003.json").read_text())["steps"] == 3
+    assert [e["step"] for e in grown["evals"]] == [3, 6, 6]  # its evaluations at step 3 are part of its history
+    with pytest.raises(HarnessError, match=r"finished at 6 steps; --steps 4 asks for fewer"):
+        run(tmp_path / "grown", cifar_dir, "--steps", 4, *args, "--resume")
+
+
+def test_a_finished_run_is_reused_only_for_the_same_question(tmp_path, cifar_dir, capsys):
+    args = ["--steps", 2, "--fid", "off", "--run-name", "a"]
+    first = run(tmp_path, cifar_dir, *args)
+    results = tmp_path / "runs/a/results.json"
+    stamp = results.stat().st_mtime_ns
+    with pytest.raises(HarnessError, match="holds a finished run .*pass --resume to reuse it"):
+        run(tmp_path, cifar_dir, *args)
+    assert run(tmp_path, cifar_dir, *args, "--resume") == json.loads(results.read_text()) == json.loads(json.dumps(first))
+    assert "finished with these options and code; nothing to do" in capsys.readouterr().err
+    assert results.stat().st_mtime_ns == stamp
+    for other, message in ((["--lr", "1e-3"], r"was made with lr=0.0002 \(now 0.001\)"),
+                           (["--ddim-steps", "3"], r"was made with ddim_steps=2 \(now 3\)"),
+                           (["--eval-every", "1"], r"was made with eval_every=2 \(now 1\)")):
+        with pytest.raises(HarnessError, match=message + ".*--overwrite to replace it"):
+            run(tmp_path, cifar_dir, *args, *other, "--resume")
+    assert results.stat().st_mtime_ns == stamp
+    replaced = run(tmp_path, cifar_dir, *args, "--lr", "1e-3", "--overwrite")
+    assert replaced["config"]["lr"] == 1e-3 and json.loads(results.read_text())["config"]["lr"] == 1e-3
+
+
 def test_refuses_to_overwrite_and_checks_resume_options(tmp_path, cifar_dir):
     run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--ckpt-every", 1, "--run-name", "a")
-    with pytest.raises(HarnessError, match="holds a finished run"):
-        run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a")
-    assert run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a", "--resume")["steps"] == 2
-
     (tmp_path / "runs/a/results.json").unlink()  # an unfinished run: a checkpoint, no results
     before = (tmp_path / "runs/a/checkpoint.pt").read_bytes()
     with pytest.raises(HarnessError, match="already holds a run's checkpoint; pass --resume"):
         run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a")
-    with pytest.raises(HarnessError, match="was made with seed=42, not 7"):
+    with pytest.raises(HarnessError, match=r"was made with seed=42 \(now 7\)"):
         run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a", "--resume", "--seed", 7)
+    with pytest.raises(HarnessError, match="was made by other code for method 'adanorm'"):
+        run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a", "--resume", method="adanorm")
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == before
+
+
+def test_a_corrupt_checkpoint_is_one_line_and_left_in_place(tmp_path, cifar_dir):
+    run(tmp_path, cifar_dir, "--steps", 2, "--fid", "off", "--run-name", "a")
+    (tmp_path / "runs/a/results.json").unlink()
+    (tmp_path / "runs/a/checkpoint.pt").write_bytes(b"\x80\x04 not a checkpoint")
+    with pytest.raises(HarnessError) as e:
+        run(tmp_path, cifar_dir, "--steps", 4, "--fid", "off", "--run-name", "a", "--resume")
+    message = str(e.value)
+    assert f"cannot read the checkpoint {tmp_path / 'runs/a/checkpoint.pt'}" in message and "\n" not in message
+    assert "delete checkpoint.pt to restart this run from step 0, or pass --overwrite" in message
+    assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == b"\x80\x04 not a checkpoint"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cifar_dir, monkeypatch):
@@ -170,9 +250,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, cifa
     with pytest.raises(HarnessError, match=r"the loss became non-finite \(nan\) between steps 2 and 4; the last good "
                                            r"checkpoint is kept"):
         run(tmp_path, cifar_dir, "--steps", 6, "--ckpt-every", 2, "--fid", "off")
-    ckpt = torch.load(tmp_path / "runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+    run_dir = tmp_path / "runs/tiny-cross-attn-s42"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-    assert not (tmp_path / "runs/tiny-cross-attn-s42/results.json").exists()
+    assert not (run_dir / "results.json").exists()
+    assert [r["loss"] for r in strict_json_lines(run_dir / "log.jsonl")][-1] is None  # logged, as strict JSON
 
 
 def test_sampling_is_deterministic_and_label_dependent():
@@ -188,12 +270,36 @@ def test_sampling_is_deterministic_and_label_dependent():
 
 @pytest.mark.parametrize("flag,message", [
     (["--steps", "0"], "--steps must be positive, got 0"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--eval-every", "0"], "--eval-every must be positive, got 0"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
+    (["--grad-clip", "0"], "--grad-clip must be positive, got 0.0"),
+    (["--seed", "-3"], "--seed must be >= 0, got -3"),
     (["--final-fid-samples", "-1"], "--final-fid-samples must be >= 0, got -1"),
     (["--fid-samples", "1"], "FID needs at least 2 samples"),
-    (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1), got 1.5"),
+    (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1), got 1.5"),
     (["--steps", "10", "--lr-cooldown", "11"], "--lr-cooldown must lie in [0, --steps=10], got 11"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
 ])
 def test_bad_options_are_refused(tmp_path, flag, message):
     with pytest.raises(HarnessError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         custom_train.main(["--scale", "tiny", "--out-dir", str(tmp_path)] + flag)
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_unknown_choices_keep_argparses_convention(capsys):
+    with pytest.raises(SystemExit) as e:
+        custom_train.main(["--scale", "huge"])
+    assert e.value.code == 2 and "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys):
+    out = custom_train.main(["--scale", "small", "--method", "cross-attn", "--out-dir", str(tmp_path), "--dry-run",
+                             "--lr", "1e-3", "--fid-resize", "torch"])
+    printed = capsys.readouterr().out
+    assert out["config"]["lr"] == 1e-3 and out["config"]["params"] == 9_730_819 and out["action"] == "start a new run"
+    assert "lr=0.001 (protocol: 0.0002)" in printed and "fid_resize=torch (protocol: pil)" in printed
+    assert '"batch_size": 128' in printed and f"run directory: {tmp_path / 'small-cross-attn-s42'}" in printed
+    assert not any(tmp_path.iterdir())
