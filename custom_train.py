@@ -195,10 +195,10 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                     kw=flag(type=int)),
         "grid_per_class": Option(10, "samples per class row in the grid PNGs", kw=flag(type=int)),
         "heldout_draws": Option(None, "(t, noise) draws per held-out image for heldout_loss; 0 turns the held-out "
-                                "metrics off (default: 32 for digits, 2 for cifar10)", "eval", legacy=0,
+                                "metrics off (default: 16 for digits, 2 for cifar10)", "eval", legacy=0,
                                 kw=flag(type=int)),
-        "label_draws": Option(None, "(t, noise) draws per held-out image for label_acc; 0 skips it (default: 4 for "
-                              "digits, 2 for cifar10)", "eval", legacy=0, kw=flag(type=int)),
+        "label_draws": Option(None, "(t, noise) draws per held-out image for label_acc; 0 skips it (default: 8 for "
+                              "digits, 1 for cifar10)", "eval", legacy=0, kw=flag(type=int)),
         "metric_seed": Option(0, "seed of the held-out metrics' draws (the same for every method and training seed)",
                               "eval", legacy=0, kw=flag(type=int)),
     },
@@ -208,7 +208,7 @@ ALL_OPTIONS = {name: opt for group in OPTIONS.values() for name, opt in group.it
 TRAIN_KEYS = tuple(n for n, o in ALL_OPTIONS.items() if o.role == "train" and n != "steps") + ("image_size",
                                                                                                 "method_sha256")
 EVAL_KEYS = tuple(n for n, o in ALL_OPTIONS.items() if o.role == "eval")
-HELDOUT_DEFAULTS = {"digits": dict(heldout_draws=32, label_draws=4), "cifar10": dict(heldout_draws=2, label_draws=2)}
+HELDOUT_DEFAULTS = {"digits": dict(heldout_draws=16, label_draws=8), "cifar10": dict(heldout_draws=2, label_draws=1)}
 
 # Named presets (EDM2-style): each sets defaults; flags given on the command line still win.
 PRESETS = {

@@ -2,28 +2,31 @@
 # Run every scale for each method, then print and write the results table.
 #
 #   bash run_all_scales.sh                          # the three baselines at small, medium, large
-#   bash run_all_scales.sh custom adanorm           # these methods
+#   bash run_all_scales.sh custom adanorm           # these methods (a method may also be a path: ideas/gate.py)
 #   bash run_all_scales.sh --seeds 3 custom         # seeds 42, 43, 44; cells become mean ± std (n)
 #   bash run_all_scales.sh --first-seed 52 --seeds 5 custom   # seeds 52..56 (fresh seeds for a confirmation)
 #   bash run_all_scales.sh --gpus 0,1,2,3 --seeds 3 # 4 runs at a time, one per GPU
 #   bash run_all_scales.sh --gpus 0,1 --torchrun    # one run at a time on both GPUs (DDP, torchrun)
 #   bash run_all_scales.sh custom -- --fid-samples 10000   # extra custom_train.py options after --
 #   bash run_all_scales.sh --proxy --seeds 5        # CPU: every method on the digits proxy (--preset demo)
+#   bash run_all_scales.sh --proxy --jobs 2 --seeds 5   # CPU: 2 runs at a time, the cores split between them
 #
-# Runs that finished (RUN/results.json) are skipped and interrupted ones resume from their
-# checkpoint, so re-running this script after a crash picks up where it stopped. Without --gpus
-# the runs go one after another on the default device. With --gpus each run sees only its GPU
-# (CUDA_VISIBLE_DEVICES) and a run's console output goes to OUT_DIR/logs/METHOD-SCALE-sSEED.log;
-# with --torchrun as well, every run uses all listed GPUs (global batch unchanged, see README).
-# With --proxy the default methods are every registered one but custom, and the comparison
-# (mean ± std, Welch 95% intervals against the best baseline) is written as OUT_DIR/comparison.{md,csv,png}.
+# A run that finished with the same options and the same method code is reused; an interrupted one
+# resumes from its checkpoint; a run whose directory holds other code's or other options' work fails
+# with one line saying what differs (the others still run). So re-running after a crash picks up where
+# it stopped, and re-running after editing `custom` trains the new code: its runs are named after its
+# code's hash. Without --gpus or --jobs the runs go one after another on the default device. With --gpus
+# each run sees only its GPU (CUDA_VISIBLE_DEVICES); with --torchrun every run uses all listed GPUs.
+# With --jobs N, N runs go at once on the CPU with OMP_NUM_THREADS = cores / N each. Parallel runs write
+# their console output to OUT_DIR/logs/METHOD-SCALE-sSEED.log. The table shows the runs of today's code
+# only (with --proxy: mean ± std and 95% intervals against the best baseline, in OUT_DIR/comparison.*).
 # Environment: SCALES (default "small medium large"), OUT_DIR (default runs, runs/proxy with --proxy),
 # PYTHON (default python).
 set -uo pipefail
 cd "$(dirname "$0")"
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-  sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
   exit 0
 fi
 
@@ -31,6 +34,7 @@ PYTHON=${PYTHON:-python}
 proxy=0
 num_seeds=1
 first_seed=42
+jobs=1
 gpus=()
 torchrun=0
 methods=()
@@ -49,6 +53,9 @@ while [[ $# -gt 0 ]]; do
     --first-seed)
       [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "error: --first-seed needs a non-negative integer, got '${2:-}'" >&2; exit 2; }
       first_seed=$2; shift 2 ;;
+    --jobs)
+      [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || { echo "error: --jobs needs a positive integer, got '${2:-}'" >&2; exit 2; }
+      jobs=$2; shift 2 ;;
     -*) echo "error: unknown option $1 (custom_train.py options go after --; see --help)" >&2; exit 2 ;;
     *) methods+=("$1"); shift ;;
   esac
@@ -56,6 +63,9 @@ done
 seeds=($(seq "$first_seed" $((first_seed + num_seeds - 1))))
 if [[ $torchrun -eq 1 && ${#gpus[@]} -eq 0 ]]; then
   echo "error: --torchrun needs --gpus LIST (the GPUs each run is spread over)" >&2; exit 2
+fi
+if [[ $jobs -gt 1 && ${#gpus[@]} -gt 0 ]]; then
+  echo "error: --jobs is for CPU runs; with --gpus each GPU takes one run at a time" >&2; exit 2
 fi
 
 if [[ $proxy -eq 1 ]]; then
@@ -74,6 +84,8 @@ fi
 
 failed_list=$(mktemp)
 trap 'rm -f "$failed_list"' EXIT
+cores=$(nproc 2>/dev/null || echo 1)
+threads=$(( cores / jobs > 0 ? cores / jobs : 1 ))
 
 # One run: METHOD SCALE SEED [GPU list]. A failure is noted and the other runs go on.
 run_one() {
@@ -82,13 +94,16 @@ run_one() {
   [[ -n $devices ]] && device=(--device cuda)  # a GPU that is not there is an error, not a CPU run
   local train=(custom_train.py "${preset[@]}" --scale "$scale" --method "$method" --seed "$seed"
                --out-dir "$OUT_DIR" --resume "${device[@]}" "${extra[@]}")
-  if [[ -z $devices ]]; then
-    "$PYTHON" "${train[@]}"
-  elif [[ $torchrun -eq 1 ]]; then
+  local log="$OUT_DIR/logs/${method//\//_}-$scale-s$seed.log"
+  if [[ -n $devices && $torchrun -eq 1 ]]; then
     CUDA_VISIBLE_DEVICES=$devices "$PYTHON" -m torch.distributed.run --standalone \
       --nproc_per_node "${#gpus[@]}" "${train[@]}"
+  elif [[ -n $devices ]]; then
+    CUDA_VISIBLE_DEVICES=$devices "$PYTHON" "${train[@]}" > "$log" 2>&1
+  elif [[ $jobs -gt 1 ]]; then
+    OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads "$PYTHON" "${train[@]}" > "$log" 2>&1
   else
-    CUDA_VISIBLE_DEVICES=$devices "$PYTHON" "${train[@]}" > "$OUT_DIR/logs/$method-$scale-s$seed.log" 2>&1
+    "$PYTHON" "${train[@]}"
   fi || echo "$method/$scale/s$seed" >> "$failed_list"
 }
 
@@ -101,22 +116,34 @@ for method in "${methods[@]}"; do
   done
 done
 
-if [[ ${#gpus[@]} -eq 0 || $torchrun -eq 1 ]]; then  # one run at a time
+if [[ ${#gpus[@]} -gt 0 && $torchrun -eq 0 ]]; then
+  slots=("${gpus[@]}")
+elif [[ $jobs -gt 1 ]]; then
+  slots=($(seq 1 "$jobs"))
+else
+  slots=()
+fi
+if [[ ${#slots[@]} -eq 0 ]]; then  # one run at a time
   for job in "${jobs_list[@]}"; do
     read -r method scale seed <<< "$job"
     echo "=== $method at $scale, seed $seed ==="
     run_one "$method" "$scale" "$seed" "$(IFS=,; echo "${gpus[*]}")"
   done
-else  # one run per GPU at a time: a GPU's id goes back into the pool when its run ends
+else  # one run per slot (a GPU, or a share of the CPU cores) at a time: a slot goes back to the pool when its run ends
   mkdir -p "$OUT_DIR/logs"
   pool=$(mktemp -u); mkfifo "$pool"; exec 3<>"$pool"; rm "$pool"
-  for gpu in "${gpus[@]}"; do echo "$gpu" >&3; done
+  for slot in "${slots[@]}"; do echo "$slot" >&3; done
   trap 'kill $(jobs -p) 2>/dev/null; rm -f "$failed_list"' EXIT
   for job in "${jobs_list[@]}"; do
-    read -r gpu <&3
+    read -r slot <&3
     read -r method scale seed <<< "$job"
-    echo "=== $method at $scale, seed $seed: GPU $gpu (log: $OUT_DIR/logs/$method-$scale-s$seed.log) ==="
-    { run_one "$method" "$scale" "$seed" "$gpu"; echo "$gpu" >&3; } &
+    if [[ ${#gpus[@]} -gt 0 ]]; then
+      echo "=== $method at $scale, seed $seed: GPU $slot (log: $OUT_DIR/logs/${method//\//_}-$scale-s$seed.log) ==="
+      { run_one "$method" "$scale" "$seed" "$slot"; echo "$slot" >&3; } &
+    else
+      echo "=== $method at $scale, seed $seed: CPU job $slot, $threads thread(s) (log: $OUT_DIR/logs/${method//\//_}-$scale-s$seed.log) ==="
+      { run_one "$method" "$scale" "$seed"; echo "$slot" >&3; } &
+    fi
   done
   wait
   trap 'rm -f "$failed_list"' EXIT
@@ -124,9 +151,9 @@ fi
 mapfile -t failed < <(sort "$failed_list")  # parallel runs finish in any order
 
 if [[ $proxy -eq 1 ]]; then
-  "$PYTHON" report.py proxy --out-dir "$OUT_DIR" --methods "${methods[@]}"
+  "$PYTHON" report.py proxy --out-dir "$OUT_DIR" --methods "${methods[@]}" --current-code
 else
-  "$PYTHON" report.py scales --out-dir "$OUT_DIR" --methods "${methods[@]}" --scales "${scales[@]}" \
+  "$PYTHON" report.py scales --out-dir "$OUT_DIR" --methods "${methods[@]}" --scales "${scales[@]}" --current-code \
     --write "$OUT_DIR/results_table.md" && echo "table written to $OUT_DIR/results_table.md"
 fi
 if [[ ${#failed[@]} -gt 0 ]]; then

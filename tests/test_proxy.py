@@ -96,15 +96,19 @@ def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     results = custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
                                  "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path),
-                                 "--method", "adanorm"])
+                                 "--method", "adanorm", "--heldout-draws", "2", "--label-draws", "1"])
     run_dir = tmp_path / "digits-tiny-adanorm-s42"
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["dataset"] == "digits" and saved["proxy_samples"] == 20 and 0 <= saved["class_acc"] <= 1
-    assert math.isfinite(saved["proxy_fd"]) and saved["fid"] is None and saved["steps"] == 3
+    assert saved["dataset"] == "digits" and saved["proxy_samples"] == 20 and saved["fid"] is None and saved["steps"] == 3
     assert "hflip=False (protocol: True)" in saved["protocol_deviations"]
     assert "fid=proxy (protocol: clean)" in saved["protocol_deviations"]
     samples = np.load(run_dir / "samples.npz")  # saved by default for digits
     assert samples["images"].shape == (20, 16, 16, 3) and np.bincount(samples["labels"]).tolist() == [2] * 10
+    # the scores are those of the saved samples: recomputed from them by the classifier
+    images = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2).contiguous()
+    again = metrics(images, torch.from_numpy(samples["labels"]))
+    assert saved["class_acc"] == again["class_acc"] and saved["proxy_fd"] == pytest.approx(again["proxy_fd"], rel=1e-9)
+    assert 0 < saved["proxy_fd"] and 0 <= saved["class_acc"] <= 1
     assert results["grid"] == "grid_final.png" and (run_dir / "grid_final.png").exists()
 
 
@@ -113,7 +117,8 @@ def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)})
     monkeypatch.setattr(custom_train, "DigitsProxy", cached)
     custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
-                       "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film"])
+                       "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film",
+                       "--heldout-draws", "2", "--label-draws", "1"])
     run_dir = tmp_path / "digits-tiny-concat-film-s42"
     own = json.loads((run_dir / "results.json").read_text())
     # the reference: the checkpoint's EMA weights, sampled by hand
@@ -129,6 +134,7 @@ def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_
     expected = by_hand("rescore20")
     assert record["proxy_fd"] == pytest.approx(expected["proxy_fd"], rel=1e-9)
     assert record["class_acc"] == expected["class_acc"] and record["proxy_samples"] == 20
+    assert record["heldout_loss"] == own["heldout_loss"] and record["label_acc"] == own["label_acc"]  # same draws
     assert record["weights"] == "ema" and record["step"] == 3 and record["method"] == "concat-film"
     assert record["proxy_fd"] != own["proxy_fd"]  # new noise, not the final evaluation's samples again
     assert json.loads((run_dir / "rescore-20.json").read_text()) == record
@@ -138,7 +144,7 @@ def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_
     report.main(["rescore", "--out-dir", str(tmp_path), "--samples", "20"])  # the CLI skips it too
     # proxy --rescored compares the rescored numbers
     report.main(["proxy", "--out-dir", str(tmp_path), "--rescored", "20", "--write-prefix", str(tmp_path / "r")])
-    assert f"| concat-film | 1 | {record['proxy_fd']:.3f} ± 0.000 |" in (tmp_path / "r.md").read_text()
+    assert f"| concat-film | 1 | {record['proxy_fd']:.3f} (n=1) | best baseline |" in (tmp_path / "r.md").read_text()
     with pytest.raises(SystemExit):  # nothing rescored on 40 samples
         report.main(["proxy", "--out-dir", str(tmp_path), "--rescored", "40"])
     with pytest.raises(SystemExit):  # not class-balanced
@@ -215,16 +221,34 @@ def test_seed_aggregation_and_noise_verdicts(tmp_path):
         report.main(["proxy", "--out-dir", str(tmp_path), "--confidence", "95"])
 
 
-def test_run_all_scales_proxy_mode(tmp_path):
+def test_run_all_scales_proxy_mode(tmp_path, metrics):
     """--proxy --seeds 2 runs each method at two seeds with the demo preset, then writes the comparison."""
     env = dict(os.environ, OUT_DIR=str(tmp_path / "proxy"), PYTHON=sys.executable)
     cmd = ["bash", str(ROOT / "run_all_scales.sh"), "--proxy", "--seeds", "2", "concat-film", "--", "--steps", "2",
            "--batch-size", "8", "--final-fid-samples", "20", "--ddim-steps", "2", "--grid-per-class", "1",
-           "--cache-dir", str(tmp_path / "cache")]
+           "--heldout-draws", "2", "--label-draws", "1", "--cache-dir", str(metrics.cache_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "proxy").iterdir() if p.is_dir()) == [
         "digits-tiny-concat-film-s42", "digits-tiny-concat-film-s43"]
-    assert "| concat-film | 2 |" in (tmp_path / "proxy/comparison.md").read_text()
+    table = (tmp_path / "proxy/comparison.md").read_text()
+    assert "| concat-film | 2 |" in table and "heldout_loss ↓" in table and "label_acc ↑" in table
     bad = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--seeds", "zero"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds needs a positive integer" in bad.stderr
+
+
+def test_rescore_refuses_weights_of_other_code(tmp_path):
+    """A method kept in a file, run, then edited: its weights belong to the old code, and rescoring them with
+    the new one is refused (before any sampling)."""
+    idea = tmp_path / "idea.py"
+    idea.write_text("from conditioning import NoConditioner as ClassConditioner\n\n\n"
+                    "def prepare_conditioning(time_emb, class_emb):\n    return time_emb + class_emb\n")
+    results = custom_train.main(["--preset", "demo", "--steps", "2", "--batch-size", "8", "--fid", "off",
+                                 "--ddim-steps", "2", "--grid-per-class", "1", "--heldout-draws", "0",
+                                 "--method", str(idea), "--out-dir", str(tmp_path / "runs")])
+    run_dir = tmp_path / "runs" / f"digits-tiny-idea-{results['method_sha256'][:8]}-s42"
+    assert run_dir.is_dir()
+    idea.write_text(idea.read_text().replace("time_emb + class_emb", "time_emb + 2 * class_emb"))
+    with pytest.raises(custom_train.HarnessError, match=r"was made by other code for method '.*idea.py' \(sha256 "
+                                                        r"[0-9a-f]{8}, today [0-9a-f]{8}\)"):
+        report.rescore(run_dir, 20, tmp_path / "cache")

@@ -40,7 +40,7 @@ def test_report_cli_refuses_an_empty_folder(tmp_path):
 def test_run_all_scales_runs_skips_and_tabulates(tmp_path, cifar_dir):
     env = dict(os.environ, SCALES="tiny", OUT_DIR=str(tmp_path / "runs"), PYTHON=sys.executable)
     cmd = ["bash", str(ROOT / "run_all_scales.sh"), "concat-film", "adanorm", "nope", "--", "--steps", "2", "--batch-size", "4",
-           "--fid", "off", "--ddim-steps", "2", "--grid-per-class", "1", "--data-dir", str(cifar_dir)]
+           "--fid", "off", "--ddim-steps", "2", "--grid-per-class", "1", "--heldout-draws", "0", "--data-dir", str(cifar_dir)]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 1 and "failed runs: nope/tiny" in first.stderr  # the others still ran
     assert (tmp_path / "runs/tiny-concat-film-s42/results.json").exists()
@@ -49,7 +49,7 @@ def test_run_all_scales_runs_skips_and_tabulates(tmp_path, cifar_dir):
     assert table.splitlines()[2:] == ["| concat-film | - |", "| adanorm | - |", "| nope | - |"]  # --fid off: no FID
     stamp = (tmp_path / "runs/tiny-adanorm-s42/results.json").stat().st_mtime_ns
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert "nothing to resume" in second.stderr
+    assert "finished with these options and code; nothing to do" in second.stderr
     assert (tmp_path / "runs/tiny-adanorm-s42/results.json").stat().st_mtime_ns == stamp
 
 
@@ -66,10 +66,12 @@ if [[ "$1" == custom_train.py || "$1" == -m ]]; then
   args="$*"; method=$(sed 's/.*--method \\([^ ]*\\).*/\\1/' <<< "$args"); seed=$(sed 's/.*--seed \\([^ ]*\\).*/\\1/' <<< "$args")
   scale=$(sed 's/.*--scale \\([^ ]*\\).*/\\1/' <<< "$args")
   echo "$start $(date +%s.%N) gpus=$CUDA_VISIBLE_DEVICES $args" >> "$LAUNCHES"
+  echo "${OMP_NUM_THREADS:-unset}" >> "$LAUNCHES.threads"
   echo "training $method"
   [[ $method == bad ]] && exit 1
   mkdir -p "$OUT_DIR/$scale-$method-s$seed"
-  echo "{\\"scale\\": \\"$scale\\", \\"method\\": \\"$method\\", \\"seed\\": $seed, \\"best_fid\\": $((seed - 30))}" \\
+  sha=SHA_${method//-/_}
+  echo "{\\"scale\\": \\"$scale\\", \\"method\\": \\"$method\\", \\"seed\\": $seed, \\"best_fid\\": $((seed - 30)), \\"method_sha256\\": \\"${!sha:-}\\"}" \\
     > "$OUT_DIR/$scale-$method-s$seed/results.json"
   exit 0
 fi
@@ -78,11 +80,15 @@ exec "$REAL_PYTHON" "$@"
 
 
 def stub_env(tmp_path):
+    """The stand-in python's environment; its results carry today's code hash of each method, as real runs do."""
+    import custom_train
+
     stub = tmp_path / "python"
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
+    shas = {f"SHA_{m.replace('-', '_')}": custom_train.method_sha256(m) for m in ("adanorm", "cross-attn")}
     return dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, SCALES="small", OUT_DIR=str(tmp_path / "runs"),
-                LAUNCHES=str(tmp_path / "launches.txt"))
+                LAUNCHES=str(tmp_path / "launches.txt"), **shas)
 
 
 def test_gpus_runs_one_job_per_gpu_at_a_time(tmp_path):
@@ -121,7 +127,32 @@ def test_gpus_with_torchrun_spreads_each_run_over_all_gpus(tmp_path):
     assert float(launches[1][0]) >= float(launches[0][1])  # one after another
 
 
+def test_jobs_runs_several_cpu_runs_at_once_with_the_cores_split(tmp_path):
+    env = stub_env(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--jobs", "2", "--seeds", "2", "adanorm",
+                           "cross-attn"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    launches = [line.split(" ", 3) for line in (tmp_path / "launches.txt").read_text().splitlines()]
+    spans = [(float(start), float(end)) for start, end, _, _ in launches]
+    assert len(spans) == 4 and all(sum(s <= a < e for s, e in spans) <= 2 for a, _ in spans)
+    assert any(s2 < e1 and s1 < e2 for i, (s1, e1) in enumerate(spans) for (s2, e2) in spans[i + 1:])  # parallel
+    cores = os.cpu_count()
+    assert set((tmp_path / "launches.txt.threads").read_text().split()) == {str(max(1, cores // 2))}
+    assert (tmp_path / "runs/logs/cross-attn-small-s43.log").read_text() == "training cross-attn\n"
+    assert "| adanorm | 12.50 ± 0.71 (n=2) |" in (tmp_path / "runs/results_table.md").read_text()
+
+
+def test_a_method_file_is_a_method_and_its_log_name_has_no_slash(tmp_path):
+    env = stub_env(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--jobs", "2", "ideas/gate.py"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert "--method ideas/gate.py" in (tmp_path / "launches.txt").read_text()
+    assert (tmp_path / "runs/logs/ideas_gate.py-small-s42.log").exists(), proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--jobs", "0"], "error: --jobs needs a positive integer, got '0'"),
+    (["--jobs", "2", "--gpus", "0,1"], "error: --jobs is for CPU runs; with --gpus each GPU takes one run at a time"),
     (["--torchrun"], "error: --torchrun needs --gpus LIST (the GPUs each run is spread over)"),
     (["--gpus", "0,x"], "error: --gpus needs a comma-separated list of GPU ids like 0,1,2,3, got '0,x'"),
     (["--seeds", "0"], "error: --seeds needs a positive integer, got '0'"),
