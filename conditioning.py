@@ -9,8 +9,10 @@ A method is two things, and nothing else about the model may differ between meth
   after every down block, after the mid block and after every up block (the "post-block path").
 
 ``D = cond_dim = 4 * block_out_channels[0]``. The pair right below is the method ``custom``:
-edit it to try an idea (``python custom_train.py --method custom``). To keep an idea, give it a
-name: write its function and class further down and add one line to ``METHODS`` at the bottom.
+edit it to try an idea (``python custom_train.py --method custom``; its runs are named after a hash of
+its code, so an edited idea never reuses the last one's results). To keep several ideas side by side,
+put each pair in a file of its own and pass the path (``--method ideas/class_gain.py``); to give an
+idea a name, write its function and class further down and add one line to ``METHODS`` at the bottom.
 """
 from __future__ import annotations
 
@@ -179,7 +181,7 @@ class ClassTokenCrossAttention(CrossAttentionLayer):
     """Ours: cross-attention to several class tokens, ``token_i = class_emb * s_i`` (i = 1..TOKENS).
 
     Why: with a single class token the softmax is identically 1, so the cross-attn baseline adds
-    the same per-class vector at every position and its query never learns (PROTOCOL.md). With
+    the same per-class vector at every position and its query never learns (docs/protocol.md). With
     several tokens per class the softmax is over TOKENS keys, so each position picks its own mix of
     class vectors from its content (a stroke pixel and a background pixel can receive different
     class information). The tokens are the class embedding scaled elementwise by TOKENS learned
@@ -201,7 +203,8 @@ class ClassTokensWithGain(nn.Module):
     """Ours: ClassTokenCrossAttention followed by a bounded per-class channel gain ``1 + tanh(g(c))``.
 
     Why: at 5x the demo learning rate every method without a learnable gain after each block
-    (concat-film, cross-attn, concat-film+class-tokens) collapsed to the trivial predictor, while
+    (concat-film, cross-attn, concat-film+class-tokens) collapsed to the trivial predictor (the stress
+    runs in docs/experiments.md), while
     the ClassFiLM methods, whose gain can shrink a block's output within a few steps, trained on.
     g is a zero-initialised Linear on SiLU(class_emb): the identity at init, trained from step 1.
     """
@@ -284,10 +287,6 @@ def add_unit_rms_class_to_time(time_emb: torch.Tensor, class_emb: torch.Tensor) 
     sum with the time embedding (whose scale the tuned time MLP sets); the ResBlocks then see a
     noisy timestep. Matching the RMS makes the two terms equal partners at every step of training,
     whatever the embedding's scale drifts to; only its direction is learned. No parameters.
-
-    Measured on the digits proxy (README, 5 seeds): worse than concat-film beyond noise in class
-    accuracy (paired by seed). Early in training the time embedding is small (RMS 0.13 against
-    1.0), so matching it weakens the class signal about 7x exactly when the class is being learned.
     """
     scale = time_emb.pow(2).mean(1, keepdim=True).sqrt() / class_emb.pow(2).mean(1, keepdim=True).add(1e-12).sqrt()
     return time_emb + class_emb * scale
@@ -314,14 +313,14 @@ METHODS: dict[str, Method] = {
                          "baseline: time path unconditional; zero-init cross-attention to the class token after every block"),
     "adanorm": Method(time_only, AdaLNBlock,
                       "baseline: time path unconditional; zero-init AdaLN (scale, shift, gate) after every block"),
-    # The published attempts (PROTOCOL.md): the bar, beside the baselines.
+    # The published attempts (docs/protocol.md): the bar, beside the baselines.
     "gn-film-branch": Method(time_only, GroupNormFiLMBranch,
                              "published: zero-init conv1x1 branch on SiLU(GroupNorm FiLM) after every block; "
                              "time path unconditional"),
     "concat-film+cross-attn": Method(add_class_to_time, CrossAttentionLayer,
                                      "published: concat-film's time path plus cross-attn's post-block layer"),
     # Our candidates (the reasoning is in the docstrings of ClassFiLM, add_unit_rms_class_to_time and
-    # ClassTokenCrossAttention). Results: README, "The comparison on the digits proxy".
+    # ClassTokenCrossAttention); how they fared: docs/experiments.md.
     "class-film": Method(time_only, ClassFiLM,
                          "ours: zero-init bounded FiLM h*(1+tanh(g(c)))+b(c) after every block; time path unconditional"),
     "concat-class-film": Method(add_class_to_time, ClassFiLM,

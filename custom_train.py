@@ -303,7 +303,8 @@ def load_method_file(path: str) -> conditioning.Method:
         raise HarnessError(f"--method {path}: no such file (a method is a name from --list-methods or a .py file)")
     digest = hashlib.sha256(file.read_bytes()).hexdigest()
     if (str(file), digest) not in _FILE_METHODS:
-        spec = importlib.util.spec_from_file_location(f"method_{file.stem}_{digest[:8]}", file)
+        # a stable module name: the method's recorded code must not depend on anything but the code
+        spec = importlib.util.spec_from_file_location(f"method_file_{file.stem}", file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module  # inspect.getsource and pickling look modules up here
         try:
@@ -365,7 +366,16 @@ def method_code(name: str) -> str:
 
 
 def method_sha256(name: str) -> str:
-    return hashlib.sha256(method_code(name).encode()).hexdigest()
+    """sha256 of the method's code as Python sees it: method_code with comments, docstrings and layout
+    normalised away (ast), so that rewording a docstring does not make a new method."""
+    def strip(tree):
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                    getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return tree
+    return hashlib.sha256(ast.unparse(strip(ast.parse(method_code(name)))).encode()).hexdigest()
 
 
 def build_model(scale: str, method_name: str, image_size: int = 32) -> ConditionedUNet:

@@ -163,3 +163,74 @@ def test_run_all_scales_bad_options(tmp_path, args, message):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == message
     assert not (tmp_path / "launches.txt").exists()
+
+
+DEVICE_STUB = """#!/usr/bin/env bash
+# Stands in for the device's python in bench_device.sh: records each call; pretends that the packages in
+# $MISSING are absent until pip installs them; bench.py and custom_train.py write what the real ones would.
+echo "$*" >> "$CALLS"
+out_of() { local next=0; for a in "$@"; do [[ $next == 1 ]] && { echo "$a"; return; }; [[ $a == --out || $a == --out-dir ]] && next=1; done; }
+case "$1" in
+  -) script=$(cat)
+     if grep -q find_spec <<< "$script"; then [[ -f "$STATE/installed" ]] || echo "$MISSING"; exit 0; fi
+     exec "$REAL_PYTHON" - "${@:2}" <<< "$script" ;;
+  -c) [[ "$2" == *torch.cuda* ]] && echo "python 3.12 | torch stand-in | gpu Stand-in GPU"; exit 0 ;;
+  -m) if [[ "$2" == pip ]]; then touch "$STATE/installed"; exit 0; fi
+      exit 1 ;;  # torchrun: NCCL refuses two ranks on one GPU
+  bench.py) [[ "$*" == *--sync-check* ]] && { echo "host syncs none" > "$(out_of "$@")"; exit 0; }
+            sleep "${BENCH_SLEEP:-0}"; echo "## small" > "$(out_of "$@")"; exit 0 ;;
+  custom_train.py)
+      [[ -f "$STATE/fail_train" ]] && exit 1
+      steps=$(sed 's/.*--steps \\([0-9]*\\).*/\\1/' <<< "$*")
+      run="$(out_of "$@")/small-cross-attn-s42"; mkdir -p "$run"
+      [[ "$*" == *--run-name* ]] && exit 0
+      printf '{"loss": 0.5, "step": 100}\\n{"loss": 0.1, "step": %s}\\n' "$steps" > "$run/log.jsonl"
+      echo "{\\"steps\\": $steps, \\"images_per_s\\": 1000.0, \\"peak_memory_gib\\": 1.5, \\"heldout_loss\\": 0.05, \\"label_acc\\": 0.3}" > "$run/results.json"
+      echo png > "$run/grid_final.png"; exit 0 ;;
+esac
+exit 0
+"""
+
+
+def device_env(tmp_path, **extra):
+    stub = tmp_path / "python3"
+    stub.write_text(DEVICE_STUB)
+    stub.chmod(0o755)
+    (tmp_path / "state").mkdir(exist_ok=True)
+    return dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(tmp_path / "out"),
+                CALLS=str(tmp_path / "calls.txt"), STATE=str(tmp_path / "state"), STEPS="300", **extra)
+
+
+def test_device_script_installs_only_what_is_missing_and_writes_each_part(tmp_path):
+    env = device_env(tmp_path, MISSING="diffusers clean-fid")
+    proc = subprocess.run(["bash", str(ROOT / "bench_device.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    (install,) = [c for c in calls if c.startswith("-m pip")]
+    assert install == "-m pip install --no-index --find-links .device-wheels diffusers clean-fid"  # with dependencies
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.md", "parts.log", "env.txt", "bench.md",
+                                                            "train_results.json", "train_log.jsonl", "train_grid.png",
+                                                            "resume_results.json"])
+    summary = (out / "summary.md").read_text()
+    assert "host syncs none" in summary and "- torchrun: exit 1" in summary and "- train: exit 0" in summary
+    assert "train: 300 steps, 1000 images/s, peak memory 1.50 GiB, loss 0.5000 -> 0.1000 (finite: True, falling: True)" in summary
+    assert '"steps": 500' in (out / "resume_results.json").read_text()  # STEPS + 200, resumed
+    assert any("--compile --channels-last" in c for c in calls)
+    # nothing to install the second time: the environment check comes first
+    (tmp_path / "calls.txt").unlink()
+    subprocess.run(["bash", str(ROOT / "bench_device.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert not any(c.startswith("-m pip") for c in (tmp_path / "calls.txt").read_text().splitlines())
+
+
+def test_device_script_keeps_finished_parts_when_one_times_out_and_reruns_clean(tmp_path):
+    env = device_env(tmp_path, MISSING="", BENCH_SLEEP="5", LIMIT_BENCH="1")
+    proc = subprocess.run(["bash", str(ROOT / "bench_device.sh")], env=env, capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "out/summary.md").read_text()
+    assert "- bench: exit 124 (stopped at its time limit)" in summary and "- train: exit 0" in summary, proc.stderr
+    assert "host syncs none" in summary  # the part before it kept its result
+    (tmp_path / "state/fail_train").touch()  # a rerun whose training fails: no stale result from the last run
+    subprocess.run(["bash", str(ROOT / "bench_device.sh")], env=dict(env, BENCH_SLEEP="0"), capture_output=True,
+                   text=True, timeout=120)
+    assert not (tmp_path / "out/train_results.json").exists() and not (tmp_path / "out/resume_results.json").exists()
+    assert "- train: exit 1" in (tmp_path / "out/summary.md").read_text()
