@@ -2,7 +2,7 @@
 
     python custom_train.py --preset demo                          # a few minutes on any CPU, no download
     python custom_train.py --scale small --method cross-attn      # one protocol run (a GPU)
-    python custom_train.py --scale small --method ideas/gate.py   # a method kept in a file of its own
+    python custom_train.py --scale small --method ideas/class_gain.py   # a method kept in a file of its own
     python custom_train.py --scale small --method custom --dry-run   # check a configuration, then exit
     python custom_train.py --list-methods
 
@@ -17,6 +17,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import datetime
 import fcntl
 import hashlib
 import importlib.util
@@ -911,12 +912,18 @@ def atomic_write(path: Path, write) -> None:
 
 
 def finite_or_none(value):
-    return value if not isinstance(value, float) or math.isfinite(value) else None
+    """Strict JSON has no NaN or infinity: a non-finite number (at any depth) is written as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
 
 
 def write_json(path: Path, obj) -> None:
-    """Strict JSON (a NaN or infinity is an error, never written)."""
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n").encode()))
 
 
 def git_state() -> dict:
@@ -1292,7 +1299,7 @@ class Run:
 
     def log(self, record: dict) -> None:
         if self.is_main:
-            self.log_file.write(json.dumps({k: finite_or_none(v) for k, v in record.items()}, allow_nan=False) + "\n")
+            self.log_file.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
             self.log_file.flush()
 
     def save_checkpoint(self) -> None:
@@ -1411,19 +1418,11 @@ def dry_run(args, config: dict, run_dir: Path) -> dict:
     return dict(config=shown, action=action)
 
 
-def train(args, rank: int, world: int) -> dict | None:
-    """One run. Rank 0 writes every file; with several processes each takes a slice of every global
-    batch (drawn whole, so the run does not depend on their number)."""
-    # 1. Setup: backends, what the run directory holds, the model, its EMA and optimizer, data, scorers.
+def build_run(args, rank: int, world: int, config: dict, run_dir: Path) -> tuple[Run, TrainingBatches]:
+    """The model (its method's contract and budget checked first), its EMA and AdamW in one memory layout,
+    the scaler, the training data on the device, and rank 0's scorers."""
     device = torch.device(args.device)
     configure_backends(args, device)
-    run_dir = Path(args.out_dir) / args.run_name
-    config = run_config(args, world)
-    action, saved = plan_run(args, config, run_dir)
-    if action == "done":
-        if rank == 0:
-            print(f"{run_dir} finished with these options and code; nothing to do", file=sys.stderr)
-        return saved
     if config["params"] > config["budget"] and not args.ignore_budget:
         raise HarnessError(f"method '{args.method}' has {config['params']:,} parameters at scale {args.scale}, over "
                            f"the budget of {config['budget']:,} (1.05 x cross-attn); shrink it or pass --ignore-budget")
@@ -1432,17 +1431,15 @@ def train(args, rank: int, world: int) -> dict | None:
     check_method_contract(model, args.method, device)
     if args.channels_last:  # before the EMA copy and the optimizer: all three share one layout
         model.to(memory_format=torch.channels_last)
-    ema = EMA(model, args.ema_decay)
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[args.precision]
-    run = Run(args, device, rank, world, run_dir, config, model, ema, make_optimizer(model.parameters(), args),
-              torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE, enabled=args.precision == "fp16"),
-              amp_dtype, class_names=[])
+    scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE, enabled=args.precision == "fp16")
+    run = Run(args, device, rank, world, run_dir, config, model, EMA(model, args.ema_decay),
+              make_optimizer(model.parameters(), args), scaler, amp_dtype, class_names=[])
     images, labels, run.class_names = load_dataset(args, "train")
     if len(images) < args.batch_size:
         raise HarnessError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
-    noise_scheduler = ddpm_scheduler()
     batches = TrainingBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), args, rank,
-                              world, noise_scheduler)
+                              world, ddpm_scheduler())
     if run.is_main and args.fid != "off":  # rank 0 scores the gathered samples
         try:
             run.scorer = CleanFID(device, args.fid_cache, args.fid_resize) if args.fid == "clean" else \
@@ -1454,41 +1451,66 @@ def train(args, rank: int, world: int) -> dict | None:
         run.heldout = HeldOutMetrics(held_images, held_labels, device, draws=args.heldout_draws,
                                      label_draws=args.label_draws, metric_seed=args.metric_seed,
                                      batch_size=args.sample_batch_size)
+    return run, batches
 
-    # 2. Resume: a checkpoint (interrupted, or a finished run asked for more steps) continues exactly.
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        ema.module.load_state_dict(saved["ema"])
-        run.optimizer.load_state_dict(saved["optimizer"])
-        match_layouts(run.optimizer)
-        run.scaler.load_state_dict(saved["scaler"])
-        run.step, run.train_time, run.evals = saved["step"], saved["train_time"], saved["evals"]
-        if rank == 0:
-            print(f"{'resumed' if action == 'resume' else 'training on'} {run_dir} at step {run.step}", file=sys.stderr)
-    log_path = run_dir / "log.jsonl"
-    if rank == 0:
-        if action == "new" and run_dir.exists():
-            shutil.rmtree(run_dir)  # --overwrite, asked for explicitly
-        run_dir.mkdir(parents=True, exist_ok=True)
+
+def restore(run: Run, saved: dict) -> None:
+    """The checkpoint's state into the run: weights, EMA, AdamW (re-laid out as the model), scaler, step."""
+    run.model.load_state_dict(saved["model"])
+    run.ema.module.load_state_dict(saved["ema"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    match_layouts(run.optimizer)
+    run.scaler.load_state_dict(saved["scaler"])
+    run.step, run.train_time, run.evals = saved["step"], saved["train_time"], saved["evals"]
+
+
+def open_run_dir(run: Run, action: str) -> None:
+    """Rank 0 prepares the directory: cleared for --overwrite, a finished result moved aside as history
+    when the run is trained further, config.json, and the log cut back to the checkpoint's step."""
+    if run.is_main:
+        log_path = run.run_dir / "log.jsonl"
+        if action == "new" and run.run_dir.exists():
+            shutil.rmtree(run.run_dir)  # --overwrite, asked for explicitly
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         if action == "extend":  # the old result stays as history; the run is unfinished until the new one is written
-            os.replace(run_dir / "results.json", run_dir / f"results-step{run.step:06d}.json")
-        write_json(run_dir / "config.json", config)
-        if saved is not None and log_path.exists():  # drop log lines written after the checkpoint we resume from
+            os.replace(run.run_dir / "results.json", run.run_dir / f"results-step{run.step:06d}.json")
+        write_json(run.run_dir / "config.json", run.config)
+        if action != "new" and log_path.exists():  # drop log lines written after the checkpoint we resume from
             kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= run.step]
             atomic_write(log_path, lambda f: f.write("".join(l + "\n" for l in kept).encode()))
         run.log_file = open(log_path, "a")
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
-    per_rank = args.batch_size // world
-    train_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+
+def train(args, rank: int, world: int) -> dict | None:
+    """One run. Rank 0 writes every file; with several processes each takes a slice of every global
+    batch (drawn whole, so the run does not depend on their number)."""
+    # 1. Setup: what the run directory holds decides what happens; then the model, EMA, AdamW, data, scorers.
+    run_dir = Path(args.out_dir) / args.run_name
+    config = run_config(args, world)
+    action, saved = plan_run(args, config, run_dir)
+    if action == "done":
+        if rank == 0:
+            print(f"{run_dir} finished with these options and code; nothing to do", file=sys.stderr)
+        return saved
+    run, batches = build_run(args, rank, world, config, run_dir)
+
+    # 2. Resume: a checkpoint (interrupted, or a finished run asked for more steps) continues exactly.
+    if saved is not None:
+        restore(run, saved)
+        if rank == 0:
+            print(f"{'resumed' if action == 'resume' else 'training on'} {run_dir} at step {run.step}", file=sys.stderr)
+    open_run_dir(run, action)
+    train_model = nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
     if args.compile:
-        train_model = compile_model(train_model, model, args, device, per_rank, amp_dtype)
-    params = list(model.parameters())
+        train_model = compile_model(train_model, run.model, args, run.device, args.batch_size // world, run.amp_dtype)
+    params = list(run.model.parameters())
 
     # 3. The loop: a step, the EMA, and at log points the one host sync, evaluations and checkpoints.
-    model.train()
+    run.model.train()
     pbar = tqdm(total=args.steps, initial=run.step, desc=run_dir.name, dynamic_ncols=True, unit="step", disable=rank > 0)
-    meter = Meter(device, run.scaler.is_enabled())
+    meter = Meter(run.device, run.scaler.is_enabled())
     while run.step < args.steps:
         step = run.step + 1
         xt, t, y, noise = batches(step)
@@ -1496,8 +1518,8 @@ def train(args, rank: int, world: int) -> dict | None:
             group["lr"] = learning_rate(step, args)
         seed_global_rngs(args.seed, step, rank)
         loss, grad_norm = train_step(train_model, xt, t, y, noise, run.optimizer, run.scaler, params,
-                                     amp_dtype=amp_dtype, grad_clip=args.grad_clip)
-        ema.update()
+                                     amp_dtype=run.amp_dtype, grad_clip=args.grad_clip)
+        run.ema.update()
         meter.add(loss, grad_norm)
         run.step = step
         pbar.update(1)
@@ -1538,7 +1560,9 @@ def init_distributed(args) -> tuple[int, int]:
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    # rank 0 alone scores each evaluation (50,000 images through the Inception) while the others wait at a
+    # barrier: a longer timeout than NCCL's default ten minutes, so a slow host does not kill the run
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), world
 
 

@@ -2,7 +2,7 @@
 # Run every scale for each method, then print and write the results table.
 #
 #   bash run_all_scales.sh                          # the three baselines at small, medium, large
-#   bash run_all_scales.sh custom adanorm           # these methods (a method may also be a path: ideas/gate.py)
+#   bash run_all_scales.sh custom adanorm           # these methods (a method may also be a path: ideas/class_gain.py)
 #   bash run_all_scales.sh --seeds 3 custom         # seeds 42, 43, 44; cells become mean ± std (n)
 #   bash run_all_scales.sh --first-seed 52 --seeds 5 custom   # seeds 52..56 (fresh seeds for a confirmation)
 #   bash run_all_scales.sh --gpus 0,1,2,3 --seeds 3 # 4 runs at a time, one per GPU

@@ -127,3 +127,23 @@ class Spy:
 
         monkeypatch.setattr(custom_train, "build_model", build_model)
         monkeypatch.setattr(custom_train, "ddpm_scheduler", ddpm_scheduler)
+
+
+def crash_at_step(monkeypatch, n):
+    """Make the n-th training batch of the next run raise KeyboardInterrupt (the power goes out)."""
+    real = custom_train.ddpm_scheduler
+    calls = {"n": 0}
+
+    def crashing_scheduler():
+        s = real()
+        add_noise = s.add_noise
+
+        def add_noise_then_crash(*a):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return add_noise(*a)
+        s.add_noise = add_noise_then_crash
+        return s
+    monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing_scheduler)
+    return lambda: monkeypatch.setattr(custom_train, "ddpm_scheduler", real)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import custom_train
-from conftest import Spy
+from conftest import Spy, crash_at_step
 from custom_train import HarnessError
 
 FAST = ["--scale", "tiny", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1",
@@ -119,26 +119,12 @@ def test_fp16_resume_is_exact_and_keeps_the_scaler_state(tmp_path, monkeypatch):
     monkeypatch.setattr(custom_train, "GRAD_SCALER_INIT_SCALE", 2.0 ** 22)
     args = ["--steps", 10, "--ckpt-every", 6, "--log-every", 2, "--adam", "fused", "--lr", 1e-3]
     run_fp16(tmp_path / "straight", *args)
-    real = custom_train.ddpm_scheduler
-    calls = []
-
-    def crashing():
-        s = real()
-        add_noise = s.add_noise
-
-        def crash_at_8(*a):
-            calls.append(1)
-            if len(calls) == 8:
-                raise KeyboardInterrupt
-            return add_noise(*a)
-        s.add_noise = crash_at_8
-        return s
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing)
+    restore = crash_at_step(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         run_fp16(tmp_path / "crashed", *args)
     at_6 = ckpt(tmp_path / "crashed", DIGITS)
     assert at_6["step"] == 6 and at_6["scaler"]["scale"] < 2.0 ** 22  # the scale moved before the checkpoint
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", real)
+    restore()
     run_fp16(tmp_path / "crashed", *args, "--resume")
     a, b = ckpt(tmp_path / "straight", DIGITS), ckpt(tmp_path / "crashed", DIGITS)
     assert a["scaler"] == b["scaler"]
@@ -300,24 +286,10 @@ def test_a_method_that_draws_random_numbers_resumes_exactly(tmp_path, cifar_dir,
     monkeypatch.setitem(conditioning.METHODS, "noisy", conditioning.Method(conditioning.time_only, Noisy, "test"))
     args = ["--steps", 6, "--ckpt-every", 3, "--log-every", 3, "--lr", 1e-3]
     run(tmp_path / "straight", cifar_dir, *args, method="noisy")
-    real = custom_train.ddpm_scheduler
-    calls = []
-
-    def crashing():
-        s = real()
-        add_noise = s.add_noise
-
-        def crash_at_5(*a):
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt
-            return add_noise(*a)
-        s.add_noise = crash_at_5
-        return s
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing)
+    restore = crash_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "crashed", cifar_dir, *args, method="noisy")
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", real)
+    restore()
     torch.manual_seed(1234)  # whatever state the process is in
     run(tmp_path / "crashed", cifar_dir, *args, "--resume", method="noisy")
     a, b = ckpt(tmp_path / "straight", "tiny-noisy-s42"), ckpt(tmp_path / "crashed", "tiny-noisy-s42")

@@ -80,8 +80,11 @@ def test_draws_are_fixed_by_the_metric_seed_alone(prototypes):
 
 
 def test_every_method_and_training_seed_meets_the_same_draws(tmp_path, monkeypatch):
-    """Through two digits runs of different methods and training seeds: the held-out evaluation feeds
-    both the same (t, noise) pairs."""
+    """Through two digits runs of different methods and training seeds, each evaluated at step 1 and
+    at the end: the held-out evaluation feeds both the same (t, noise) pairs; the metrics are in every
+    evaluation, and `report.py curves` draws them against the step."""
+    import report
+
     seen = []
     real = custom_train.HeldOutMetrics.losses
 
@@ -95,11 +98,14 @@ def test_every_method_and_training_seed_meets_the_same_draws(tmp_path, monkeypat
         results.append(custom_train.main(
             ["--preset", "demo", "--steps", "2", "--batch-size", "8", "--fid", "off", "--ddim-steps", "2",
              "--grid-per-class", "1", "--heldout-draws", "2", "--label-draws", "1", "--method", method, "--seed",
-             str(seed), "--out-dir", str(tmp_path)]))
-    assert len(seen[0]) == len(seen[1]) == 4 * 11  # 4 chunks of 100 of the 360 digits: loss, then 10 labels
+             str(seed), "--out-dir", str(tmp_path), "--eval-every", "1"]))
+    assert len(seen[0]) == len(seen[1]) == 2 * 4 * 11  # 2 evaluations (step 1, final) x 4 chunks of 100 x (loss, 10 labels)
     for (x1, t1, n1), (x2, t2, n2) in zip(*seen):
         assert torch.equal(x1, x2) and torch.equal(t1, t2) and torch.equal(n1, n2)
     for r in results:
         assert 0 < r["heldout_loss"] < 2 and 0 <= r["label_acc"] <= 1
-        assert r["evals"][-1]["heldout_loss"] == r["heldout_loss"]
+        assert [e["step"] for e in r["evals"]] == [1, 2] and r["evals"][-1]["heldout_loss"] == r["heldout_loss"]
+        assert all(e["heldout_loss"] > 0 and e["label_acc"] is not None for e in r["evals"])
+    panels = report.curves_plot(report.collect(tmp_path), tmp_path / "curves.png")
+    assert panels == ["loss", "heldout_loss", "label_acc"] and (tmp_path / "curves.png").stat().st_size > 10_000
     assert np.isfinite([r["heldout_loss"] for r in results]).all() and results[0]["heldout_loss"] != results[1]["heldout_loss"]

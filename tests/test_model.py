@@ -10,7 +10,7 @@ import conditioning
 import custom_train
 from custom_train import HarnessError
 
-# PROTOCOL.md, "Total parameters (UNet + class embedding + conditioners)".
+# docs/protocol.md, "Total parameters (UNet + class embedding + conditioners)".
 PROTOCOL_PARAMS = {
     ("small", "concat-film"): 8_954_627, ("small", "cross-attn"): 9_730_819, ("small", "adanorm"): 9_746_179,
     ("medium", "concat-film"): 35_751_427, ("medium", "cross-attn"): 38_843_907, ("medium", "adanorm"): 38_907_395,

@@ -144,10 +144,10 @@ def test_jobs_runs_several_cpu_runs_at_once_with_the_cores_split(tmp_path):
 
 def test_a_method_file_is_a_method_and_its_log_name_has_no_slash(tmp_path):
     env = stub_env(tmp_path)
-    proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--jobs", "2", "ideas/gate.py"], env=env,
+    proc = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--jobs", "2", "ideas/class_gain.py"], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert "--method ideas/gate.py" in (tmp_path / "launches.txt").read_text()
-    assert (tmp_path / "runs/logs/ideas_gate.py-small-s42.log").exists(), proc.stderr
+    assert "--method ideas/class_gain.py" in (tmp_path / "launches.txt").read_text()
+    assert (tmp_path / "runs/logs/ideas_class_gain.py-small-s42.log").exists(), proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import custom_train
+from conftest import crash_at_step
 from custom_train import HarnessError
 
 FAST = ["--scale", "tiny", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1",
@@ -100,26 +101,6 @@ def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
     assert fid(noise, labels, batch_size=32)["fid"] > 0.01
 
 
-def crash_at_step(monkeypatch, n):
-    """Make the n-th training batch of the next run raise KeyboardInterrupt (the power goes out)."""
-    real = custom_train.ddpm_scheduler
-    calls = {"n": 0}
-
-    def crashing_scheduler():
-        s = real()
-        add_noise = s.add_noise
-
-        def add_noise_then_crash(*a):
-            calls["n"] += 1
-            if calls["n"] == n:
-                raise KeyboardInterrupt
-            return add_noise(*a)
-        s.add_noise = add_noise_then_crash
-        return s
-    monkeypatch.setattr(custom_train, "ddpm_scheduler", crashing_scheduler)
-    return lambda: monkeypatch.setattr(custom_train, "ddpm_scheduler", real)
-
-
 def assert_same_state(a, b, parts=("model", "ema")):
     for part in parts:
         for key, value in a[part].items():
@@ -140,11 +121,14 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, cifar_dir, monkeypatch)
     run_dir = tmp_path / "crashed/runs/tiny-cross-attn-s42"
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == 4
     restore()
-    loads = []
-    real_load = torch.load
+    loads, optimizers = [], []
+    real_load, real_match = torch.load, custom_train.match_layouts
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
+    monkeypatch.setattr(custom_train, "match_layouts", lambda opt: optimizers.append(opt) or real_match(opt))
     run(tmp_path / "crashed", cifar_dir, *args, "--resume")
     assert loads == ["cpu"]  # never onto the training device: load_state_dict places every tensor
+    steps = [s["step"] for s in optimizers[0].state.values()]  # foreach AdamW reads its step counts on the host
+    assert steps and all(s.device.type == "cpu" and s.item() == 4 for s in steps)
     monkeypatch.setattr(torch, "load", real_load)
     resumed = torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
