@@ -602,7 +602,6 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
 
 
-@torch.no_grad()
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
            image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1):
     """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU of rank 0 (None on the
@@ -612,28 +611,29 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
     neither the device's global RNG nor on how many batches came before. With several processes,
     rank r samples batches r, r + world, ... and rank 0 gathers them in order: the images are the same
     whatever the number of processes."""
-    scheduler = ddim_scheduler(ddim_steps)
-    was_training = model.training
-    model.eval()
-    out = {}
-    batches = range(math.ceil(len(labels) / batch_size))[rank::world]
-    for b in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 2 or rank > 0):
-        y = labels[b * batch_size:(b + 1) * batch_size].to(device)
-        x = torch.randn((len(y), 3, image_size, image_size), device=device,
-                        generator=generator(device, seed, tag, b))
-        for t in scheduler.timesteps:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                eps = model(x, t.to(device), y)
-            x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
-        out[b] = quantize(x).cpu()
-    model.train(was_training)
-    if world > 1:
-        shards = [None] * world if rank == 0 else None
-        dist.gather_object(out, shards, dst=0)
-        if rank > 0:
-            return None
-        out = {b: images for shard in shards for b, images in shard.items()}
-    return torch.cat([out[b] for b in sorted(out)])
+    with torch.no_grad():
+        scheduler = ddim_scheduler(ddim_steps)
+        was_training = model.training
+        model.eval()
+        out = {}
+        batches = range(math.ceil(len(labels) / batch_size))[rank::world]
+        for b in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 2 or rank > 0):
+            y = labels[b * batch_size:(b + 1) * batch_size].to(device)
+            x = torch.randn((len(y), 3, image_size, image_size), device=device,
+                            generator=generator(device, seed, tag, b))
+            for t in scheduler.timesteps:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    eps = model(x, t.to(device), y)
+                x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
+            out[b] = quantize(x).cpu()
+        model.train(was_training)
+        if world > 1:
+            shards = [None] * world if rank == 0 else None
+            dist.gather_object(out, shards, dst=0)
+            if rank > 0:
+                return None
+            out = {b: images for shard in shards for b, images in shard.items()}
+        return torch.cat([out[b] for b in sorted(out)])
 
 
 def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
@@ -843,39 +843,39 @@ class HeldOutMetrics:
         noise = torch.randn((n, k) + tuple(self.images.shape[1:]), generator=g)
         return t, noise
 
-    @torch.no_grad()
     def losses(self, model, x0, t, noise, labels, amp_dtype) -> torch.Tensor:
         """Per-draw epsilon MSE, [n, k], of images x0 [n, ...] at draws t, noise [n, k, ...] under labels [n]."""
-        n, k = t.shape
-        xt = self.scheduler.add_noise(x0[:, None].expand_as(noise).reshape((-1,) + x0.shape[1:]),
-                                      noise.reshape((-1,) + x0.shape[1:]), t.reshape(-1))
-        t, y, noise = t.reshape(-1), labels[:, None].expand(n, k).reshape(-1), noise.reshape(xt.shape)
-        out = []
-        for i in range(0, len(xt), self.batch_size):
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(xt[i:i + self.batch_size], t[i:i + self.batch_size], y[i:i + self.batch_size])
-            out.append((pred.float() - noise[i:i + self.batch_size]).square().flatten(1).mean(1))
-        return torch.cat(out).reshape(n, k)
+        with torch.no_grad():
+            n, k = t.shape
+            xt = self.scheduler.add_noise(x0[:, None].expand_as(noise).reshape((-1,) + x0.shape[1:]),
+                                          noise.reshape((-1,) + x0.shape[1:]), t.reshape(-1))
+            t, y, noise = t.reshape(-1), labels[:, None].expand(n, k).reshape(-1), noise.reshape(xt.shape)
+            out = []
+            for i in range(0, len(xt), self.batch_size):
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    pred = model(xt[i:i + self.batch_size], t[i:i + self.batch_size], y[i:i + self.batch_size])
+                out.append((pred.float() - noise[i:i + self.batch_size]).square().flatten(1).mean(1))
+            return torch.cat(out).reshape(n, k)
 
-    @torch.no_grad()
     def __call__(self, model, amp_dtype=None) -> dict:
-        was_training = model.training
-        model.eval()
-        loss_sum, right, trials = 0.0, 0, 0
-        for c, start in enumerate(range(0, len(self.images), self.CHUNK)):
-            x0 = (self.images[start:start + self.CHUNK].float() / 127.5 - 1).to(self.device)
-            y = self.labels[start:start + self.CHUNK].to(self.device)
-            t, noise = self.chunk_draws("loss", c, len(x0), self.draws)
-            loss_sum += self.losses(model, x0, t.to(self.device), noise.to(self.device), y, amp_dtype).double().sum().item()
-            if self.label_draws:
-                t, noise = (d.to(self.device) for d in self.chunk_draws("label", c, len(x0), self.label_draws))
-                per_label = torch.stack([self.losses(model, x0, t, noise, torch.full_like(y, label), amp_dtype)
-                                         for label in range(NUM_CLASSES)], dim=-1)  # [n, k, 10]
-                right += (per_label.argmin(-1) == y[:, None]).sum().item()
-                trials += per_label.shape[0] * per_label.shape[1]
-        model.train(was_training)
-        return dict(heldout_loss=loss_sum / (len(self.images) * self.draws),
-                    label_acc=right / trials if trials else None)
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            loss_sum, right, trials = 0.0, 0, 0
+            for c, start in enumerate(range(0, len(self.images), self.CHUNK)):
+                x0 = (self.images[start:start + self.CHUNK].float() / 127.5 - 1).to(self.device)
+                y = self.labels[start:start + self.CHUNK].to(self.device)
+                t, noise = self.chunk_draws("loss", c, len(x0), self.draws)
+                loss_sum += self.losses(model, x0, t.to(self.device), noise.to(self.device), y, amp_dtype).double().sum().item()
+                if self.label_draws:
+                    t, noise = (d.to(self.device) for d in self.chunk_draws("label", c, len(x0), self.label_draws))
+                    per_label = torch.stack([self.losses(model, x0, t, noise, torch.full_like(y, label), amp_dtype)
+                                             for label in range(NUM_CLASSES)], dim=-1)  # [n, k, 10]
+                    right += (per_label.argmin(-1) == y[:, None]).sum().item()
+                    trials += per_label.shape[0] * per_label.shape[1]
+            model.train(was_training)
+            return dict(heldout_loss=loss_sum / (len(self.images) * self.draws),
+                        label_acc=right / trials if trials else None)
 
 
 def save_grid(images: torch.Tensor, class_names: list[str], per_class: int, path: Path, zoom: int = 2) -> None:
@@ -1180,11 +1180,11 @@ class EMA:
         self.averaged, self.source = [e for e, _ in pairs], [m for _, m in pairs]
         self.copied = [(e, m) for e, m in zip(self.module.buffers(), model.buffers()) if not m.is_floating_point()]
 
-    @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.averaged, self.source, 1 - self.decay)
-        for e, m in self.copied:
-            e.copy_(m)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.averaged, self.source, 1 - self.decay)
+            for e, m in self.copied:
+                e.copy_(m)
 
 
 class Meter:
