@@ -230,3 +230,42 @@ def test_proxy_tables_keep_one_recipe_and_say_when_there_is_no_interval(tmp_path
     md = (tmp_path / "comparison.md").read_text()
     assert "| cross-attn | 1 | 15.000 (n=1) | n=1: no interval | - |" in md and "nan" not in md
     assert "left out: 1 run(s) of another recipe (steps=1200 (protocol: 35000); steps=2400 (protocol: 35000))" in md
+
+
+def test_rank_reproduces_a_published_order_and_says_what_it_cannot_resolve(tmp_path):
+    """Five methods, five seeds: metric A follows the published order with a steady gap (validates); metric B
+    reverses a resolved pair beyond noise (contradicts). Spearman, the pair verdicts and the noise numbers
+    against a hand computation."""
+    from scipy import stats
+
+    order, published = ["m1", "m2", "m3", "m4", "m5"], [18.0, 18.05, 19.0, 19.5, 20.0]  # m1/m2 unresolved (0.05)
+    luck = [0.3, -0.1, 0.2, -0.4, 0.0]  # shared by every method at a seed
+    for i, method in enumerate(order):
+        for s in range(5):
+            a = 1.0 + 0.1 * i + 0.01 * luck[s] + 0.001 * ((i * 7 + s * 3) % 5)  # lower is better, follows the order
+            b = 0.9 - 0.05 * abs(i - 2) + 0.001 * s                          # higher is better, peaks at m3
+            fake(tmp_path, f"{method}-s{s}", method=method, seed=s, heldout_loss=a, label_acc=b)
+    runs = report.collect(tmp_path)
+    out = report.rank_analysis(runs, order, published, published_noise=0.35,
+                               metrics={"heldout_loss": "lower", "label_acc": "higher"})
+    a, b = out["heldout_loss"], out["label_acc"]
+    assert a["spearman"] == pytest.approx(1.0) and a["verdict"] == "validates"
+    assert all(p["verdict"] == "agrees, beyond noise" for p in a["pairs"])
+    assert [p["resolved"] for p in a["pairs"]][:1] == [False] and sum(p["resolved"] for p in a["pairs"]) == 9
+    means = [sum(0.9 - 0.05 * abs(i - 2) + 0.001 * s for s in range(5)) / 5 for i in range(5)]
+    rho = stats.spearmanr([-m for m in means], published).statistic
+    assert b["spearman"] == pytest.approx(rho) and b["verdict"] == "contradicts"
+    m3_vs_m5 = next(p for p in b["pairs"] if (p["better"], p["worse"]) == ("m3", "m5"))
+    assert m3_vs_m5["verdict"] == "agrees, beyond noise"
+    m1_vs_m3 = next(p for p in b["pairs"] if (p["better"], p["worse"]) == ("m1", "m3"))
+    assert m1_vs_m3["resolved"] and m1_vs_m3["verdict"] == "contradicts, beyond noise"
+    diffs = [0.001 * ((0 * 7 + s * 3) % 5) - 0.001 * ((1 * 7 + s * 3) % 5) for s in range(5)]
+    assert a["pairs"][0]["paired_sd"] == pytest.approx(stats.tstd(diffs))
+    n = a["seeds_for_3pct"]
+    assert stats.t.ppf(0.975, n - 1) * a["paired_sd"] / n ** 0.5 < 0.03 * a["mean_level"]
+    assert n == 2 or stats.t.ppf(0.975, n - 2) * a["paired_sd"] / (n - 1) ** 0.5 >= 0.03 * a["mean_level"]
+    report.main(["rank", "--out-dir", str(tmp_path), "--methods", *order, "--published", *map(str, published),
+                 "--published-noise", "0.35", "--write", str(tmp_path / "rank")])
+    md = (tmp_path / "rank.md").read_text()
+    assert "| heldout_loss | +1.00 | validates | 9 / 0 / 0 of 9 |" in md
+    assert json.loads((tmp_path / "rank.json").read_text())["label_acc"]["verdict"] == "contradicts"
