@@ -1589,11 +1589,13 @@ def main(argv=None) -> dict | None:
         return dry_run(args, run_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
                        Path(args.out_dir) / args.run_name)
     rank, world = init_distributed(args)
-    try:
-        return train(args, rank, world)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+    result = train(args, rank, world)
+    if world > 1:
+        # Leave together, and only on success: a rank that tears gloo down while a peer still works can abort
+        # (SIGABRT), and tearing down after an error can hang on a peer's collective; torchrun stops the rest.
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 if __name__ == "__main__":

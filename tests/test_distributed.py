@@ -64,6 +64,7 @@ labels = torch.arange(10)
 sharded = custom_train.sample(model, labels, rank=dist.get_rank(), world=2, **kw)
 if dist.get_rank() == 0:
     torch.save(dict(sharded=sharded, single=custom_train.sample(model, labels, **kw)), {str(tmp_path / "out.pt")!r})
+dist.barrier()  # rank 1 must not tear gloo down while rank 0 still samples
 dist.destroy_process_group()
 """)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -69,6 +69,39 @@ def test_mixed_precision_trains_end_to_end(tmp_path, precision, adam, scale):
         assert state["scaler"]["scale"] == 2.0 ** 16 and state["scaler"]["_growth_tracker"] == 4
 
 
+@pytest.mark.parametrize("amp_dtype", [torch.float16, torch.bfloat16, None])
+def test_the_step_runs_the_forward_under_the_asked_autocast(amp_dtype):
+    """The forward sees autocast on with exactly the asked dtype (off for fp32), the step unscales the
+    gradients before clipping (the norm is the true one, not the scaled one) and leaves no gradients."""
+    seen = []
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x, t, y):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=amp_dtype == torch.float16)
+    x, noise = torch.randn(8, 4), torch.randn(8, 4)
+    reference = Net()
+    reference.load_state_dict(net.state_dict())
+    torch.nn.functional.mse_loss(reference(x, None, None), noise).backward()  # fp32, unscaled
+    true_norm = torch.cat([p.grad.flatten() for p in reference.parameters()]).norm()
+    seen.clear()
+    _, grad_norm = custom_train.train_step(net, x, None, None, noise, opt, scaler, params, amp_dtype=amp_dtype,
+                                           grad_clip=1e9)
+    assert seen == [(amp_dtype is not None, amp_dtype if amp_dtype is not None else seen[0][1])]
+    assert grad_norm.item() == pytest.approx(true_norm.item(), rel=2e-2)  # fp16/bf16 forward: a percent
+    assert all(p.grad is None for p in params)
+
+
 def test_forced_overflow_skips_steps_counts_and_logs_them(tmp_path, monkeypatch):
     """A huge initial loss scale: the first steps overflow in fp16; each leaves the weights (and AdamW's
     step count) unchanged, halves the scale, and is counted in the log."""
