@@ -434,7 +434,10 @@ def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class
     for r in runs:
         lines = [json.loads(line) for line in (Path(r["run_dir"]) / "log.jsonl").read_text().splitlines()]
         r["_train"] = [(x["step"], x["loss"]) for x in lines if x.get("loss") is not None]
-        r["_evals"] = [e for e in r.get("evals", []) if e.get("eval") != "final"]
+        # one point per step: the final evaluation stands alone when no periodic one shares its step
+        by_step = {e["step"]: e for e in r.get("evals", []) if e.get("eval") != "final"}
+        by_step.update({e["step"]: e for e in r.get("evals", []) if e.get("eval") == "final" and e["step"] not in by_step})
+        r["_evals"] = [by_step[s] for s in sorted(by_step)]
     panels = ["loss"] + [m for m in metrics if any(e.get(m) is not None for r in runs for e in r["_evals"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     labels = sorted({r["label"] for r in runs})
@@ -449,12 +452,12 @@ def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class
                     continue
                 steps, values = zip(*points)
                 values = smooth(list(values)) if panel == "loss" else list(values)
-                ax.plot(steps, values, color=f"C{i}", lw=0.6, alpha=0.5)
+                ax.plot(steps, values, color=f"C{i}", lw=0.6, alpha=0.5, marker=None if panel == "loss" else ".")
                 series.append(dict(zip(steps, values)))
             common = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if common:
                 ax.plot(common, [statistics.fmean(s[x] for s in series) for x in common], color=f"C{i}", lw=2,
-                        label=f"{label} (n={len(series)})")
+                        marker=None if panel == "loss" else "o", label=f"{label} (n={len(series)})")
         ax.set_title(panel + (" (smoothed)" if panel == "loss" else ""))
         ax.set_xlabel("step")
         if panel in ("loss", "heldout_loss"):

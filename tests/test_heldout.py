@@ -108,4 +108,8 @@ def test_every_method_and_training_seed_meets_the_same_draws(tmp_path, monkeypat
         assert all(e["heldout_loss"] > 0 and e["label_acc"] is not None for e in r["evals"])
     panels = report.curves_plot(report.collect(tmp_path), tmp_path / "curves.png")
     assert panels == ["loss", "heldout_loss", "label_acc"] and (tmp_path / "curves.png").stat().st_size > 10_000
+    final_only = report.collect(tmp_path)  # runs evaluated only at the end still show their metrics, as points
+    for r in final_only:
+        r["evals"] = r["evals"][-1:]
+    assert report.curves_plot(final_only, tmp_path / "final.png") == ["loss", "heldout_loss", "label_acc"]
     assert np.isfinite([r["heldout_loss"] for r in results]).all() and results[0]["heldout_loss"] != results[1]["heldout_loss"]
