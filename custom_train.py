@@ -926,6 +926,17 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n").encode()))
 
 
+def cpu_name() -> str:
+    """The CPU model (figures are quoted with the machine they came from), e.g. "AMD EPYC"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def git_state() -> dict:
     """The commit of the code and whether the work tree differed from it (None outside a git checkout)."""
     try:
@@ -1359,7 +1370,8 @@ def assemble_results(run: Run, final: dict) -> dict:
         protocol_deviations=c["protocol_deviations"], git_commit=c["git_commit"], git_dirty=c["git_dirty"],
         versions=dict(torch=torch.__version__, diffusers=version("diffusers"), clean_fid=version("clean-fid"),
                       python=platform.python_version()),
-        device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+        device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else cpu_name(),
+        cpu_threads=torch.get_num_threads(),  # the thread count changes CPU floating point (README, Reproducibility)
         peak_memory_gib=torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None,
         config=c,
     )

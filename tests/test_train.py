@@ -56,6 +56,7 @@ def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
     assert saved["best_fid_step"] in (2, 4) and np.isfinite(saved["fid"]) and saved["fid_samples"] == 12
     assert saved["params"] == 615_619 and saved["budget"] == 646_399 and saved["steps"] == 4
     assert {"torch", "diffusers", "clean_fid"} <= set(saved["versions"]) and saved["images_per_s"] > 0
+    assert saved["cpu_threads"] == torch.get_num_threads() and saved["device"]  # the thread count moves CPU numbers
     assert "scale=tiny (protocol: small, medium or large)" in saved["protocol_deviations"]
     assert "steps=4 (protocol: 35000)" in saved["protocol_deviations"]
     assert all(np.isfinite(e["heldout_loss"]) and 0 <= e["label_acc"] <= 1 for e in saved["evals"])
