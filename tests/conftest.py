@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny CIFAR-10 in the real on-disk format, and a stand-in for clean-fid's Inception."""
 import copy
 import pickle
+import struct
 import sys
 from pathlib import Path
 
@@ -13,11 +14,28 @@ sys.path.insert(0, str(ROOT))
 
 import custom_train  # noqa: E402
 
+class Py2Pickler(pickle._Pickler):
+    """Pickles bytes as Python 2 `str` (SHORT_BINSTRING/BINSTRING), as the real archive was written by
+    Python 2's cPickle: Python 3 reads such a file right only with encoding="bytes" (the default ASCII
+    turns the keys into str and fails on the pixel data), so the look-alike tests that too."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_py2_str
+
+
+def py2_dump(obj, f) -> None:
+    Py2Pickler(f, protocol=2).dump(obj)
+
+
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def write_tiny_cifar10(data_dir: Path, per_batch: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """cifar-10-batches-py/ exactly as the real archive lays it out (pickled dicts with bytes keys),
+    """cifar-10-batches-py/ exactly as the real archive lays it out (dicts pickled by Python 2),
     with `per_batch` images per batch file. Images are class-dependent colour blobs plus noise, so a
     model can tell classes apart. Returns the train images [N, 3, 32, 32] and labels."""
     rng = np.random.default_rng(seed)
@@ -29,13 +47,13 @@ def write_tiny_cifar10(data_dir: Path, per_batch: int = 20, seed: int = 0) -> tu
         base = np.stack([np.full((3, 32, 32), 25 * c, dtype=np.float64) for c in labels])
         images = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
         with open(folder / name, "wb") as f:
-            pickle.dump({b"batch_label": name.encode(), b"labels": labels.tolist(),
+            py2_dump({b"batch_label": name.encode(), b"labels": labels.tolist(),
                          b"data": images.reshape(per_batch, -1), b"filenames": [b"x.png"] * per_batch}, f)
         if name != "test_batch":
             all_images.append(images)
             all_labels.append(labels)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": per_batch,
+        py2_dump({b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": per_batch,
                      b"num_vis": 3072}, f)
     return np.concatenate(all_images), np.concatenate(all_labels)
 

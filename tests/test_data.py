@@ -50,6 +50,10 @@ def test_channel_layout_is_rgb_planes(tmp_path):
      "labels must lie in 0..9, found 0..12"),
     (lambda folder: (folder / "data_batch_4").write_bytes(pickle.dumps([1, 2, 3])),
      "is not a CIFAR-10 batch: expected a dict with b'data' and b'labels'"),
+    (lambda folder: (folder / "data_batch_4").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8)})),
+     "is not a CIFAR-10 batch: expected a dict with b'data' and b'labels'"),
+    (lambda folder: (folder / "data_batch_4").write_bytes(pickle.dumps({b"labels": [0, 1]})),
+     "is not a CIFAR-10 batch: expected a dict with b'data' and b'labels'"),
     (lambda folder: (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"]})),
      "expected 10 label_names, got 1"),
 ])

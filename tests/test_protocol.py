@@ -182,8 +182,12 @@ def test_every_image_reaches_the_feature_extractor(resize, monkeypatch, stand_in
         seen.append(len(x))
         return extractor(x)
     monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device, fid_cache=None: recording)
+    ported = []  # the torch port runs only when asked for (it is a deviation); clean-fid's own resize otherwise
+    real_port = custom_train.clean_resize_torch
+    monkeypatch.setattr(custom_train, "clean_resize_torch", lambda x: ported.append(len(x)) or real_port(x))
     fid = custom_train.CleanFID(torch.device("cpu"), resize=resize)
     got = fid(images, torch.zeros(70, dtype=torch.long), batch_size=32)
+    assert ported == ([32, 32, 6] if resize == "torch" else [])
 
     pil = build_resizer("clean")
     resized = torch.from_numpy(np.stack([pil(img.permute(1, 2, 0).numpy()).transpose(2, 0, 1) for img in images]))

@@ -213,6 +213,7 @@ def test_a_corrupt_checkpoint_is_one_line_and_left_in_place(tmp_path, cifar_dir)
         run(tmp_path, cifar_dir, "--steps", 4, "--fid", "off", "--run-name", "a", "--resume")
     message = str(e.value)
     assert f"cannot read the checkpoint {tmp_path / 'runs/a/checkpoint.pt'}" in message and "\n" not in message
+    assert "(UnpicklingError: invalid load key, ' '.)" in message  # what torch said, first line only
     assert "delete checkpoint.pt to restart this run from step 0, or pass --overwrite" in message
     assert (tmp_path / "runs/a/checkpoint.pt").read_bytes() == b"\x80\x04 not a checkpoint"
 
