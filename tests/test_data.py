@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import custom_train
 from conftest import ROOT, write_tiny_cifar10
@@ -152,3 +153,15 @@ def test_cli_prints_one_error_line_and_exits_nonzero(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "data_batch_5 is not a CIFAR-10 pickle batch" in lines[0]
     assert not (tmp_path / "runs" / "tiny-concat-film-s42" / "checkpoint.pt").exists()
+
+
+def test_the_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
+    """The data order depends on (seed, epoch) alone, never on the global RNG (resume restores none), and
+    each epoch visits every image once."""
+    torch.manual_seed(0)
+    a = custom_train.epoch_order(42, 3, 100)
+    torch.manual_seed(1)
+    torch.rand(5)
+    assert torch.equal(a, custom_train.epoch_order(42, 3, 100))
+    assert sorted(a.tolist()) == list(range(100))
+    assert not torch.equal(a, custom_train.epoch_order(42, 4, 100)) and not torch.equal(a, custom_train.epoch_order(43, 3, 100))
