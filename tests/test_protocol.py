@@ -84,6 +84,21 @@ def test_ema_follows_its_rate_from_the_initial_copy(tmp_path, cifar_dir, monkeyp
     assert moved > 1e-3  # the EMA left its initial copy: an untrained EMA would fail the comparison
 
 
+def test_the_ema_is_a_frozen_copy_that_averages_float_buffers_and_copies_the_rest():
+    """The copy never asks for gradients (no autograd graph or grad memory on it), and its update moves
+    parameters and floating-point buffers by (1 - decay) and copies integer buffers."""
+    model = torch.nn.BatchNorm1d(3)  # a float buffer (running_mean) and an integer one (num_batches_tracked)
+    ema = custom_train.EMA(model, 0.75)
+    assert not any(p.requires_grad for p in ema.module.parameters()) and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+        model.running_mean.fill_(4.0)
+        model.num_batches_tracked.fill_(7)
+    ema.update()
+    assert torch.equal(ema.module.weight, torch.full((3,), 1.25))  # 1 + 0.25 * (2 - 1)
+    assert torch.equal(ema.module.running_mean, torch.full((3,), 1.0)) and ema.module.num_batches_tracked.item() == 7
+
+
 def test_each_evaluation_samples_the_weights_the_protocol_names(tmp_path, cifar_dir, monkeypatch):
     """Before --ema-eval-start the raw network, from it on the EMA, and the final evaluation the EMA:
     checked on both sides of the boundary, against the weights the training actually had."""
