@@ -434,9 +434,10 @@ def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class
     for r in runs:
         lines = [json.loads(line) for line in (Path(r["run_dir"]) / "log.jsonl").read_text().splitlines()]
         r["_train"] = [(x["step"], x["loss"]) for x in lines if x.get("loss") is not None]
-        # one point per step: the final evaluation stands alone when no periodic one shares its step
-        by_step = {e["step"]: e for e in r.get("evals", []) if e.get("eval") != "final"}
-        by_step.update({e["step"]: e for e in r.get("evals", []) if e.get("eval") == "final" and e["step"] not in by_step})
+        # one point per step: evals lists the final evaluation last, so it stands only where no periodic one did
+        by_step = {}
+        for e in r.get("evals", []):
+            by_step.setdefault(e["step"], e)
         r["_evals"] = [by_step[s] for s in sorted(by_step)]
     panels = ["loss"] + [m for m in metrics if any(e.get(m) is not None for r in runs for e in r["_evals"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
