@@ -29,6 +29,7 @@ import pickle
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,8 +161,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
                          "cuda:LOCAL_RANK, or gloo on CPU)"),
     },
     "speed and determinism (recorded; the arithmetic is the protocol's up to rounding)": {
-        "compile": Option(False, "torch.compile the model for training (falls back to eager with a message if it "
-                          "fails)", kw=flag(action="store_true")),
+        "compile": Option("off", "torch.compile the model for training: --compile (= default) compiles forward and "
+                          "backward; --compile max also launches them as CUDA graphs (mode reduce-overhead, not "
+                          "max-autotune), for small scales where an eager step is host-bound; compiled once, before "
+                          "step 1, on the training input buffers themselves; falls back to eager with a message if "
+                          "compilation fails", kw=flag(nargs="?", const="default", choices=["off", "default", "max"])),
         "channels_last": Option(False, "channels_last memory format for the model, its EMA and AdamW's state",
                                 kw=flag(action="store_true")),
         "tf32": Option(False, "allow TF32 in fp32 matmuls and convolutions on CUDA (without it they run in true "
@@ -226,6 +230,13 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 
 class HarnessError(Exception):
     """A problem the user can fix; printed as one line, exit status 1."""
+
+
+PREEMPTED_EXIT = 3  # the exit status of a run stopped by a signal after writing its checkpoint (SLURM requeues it)
+
+
+class Preempted(Exception):
+    """SIGUSR1 or SIGTERM arrived; the checkpoint of the step named in the message is written."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,7 +548,11 @@ class TrainingBatches:
     """Step s's batch as a pure function of (seed, s): the images at the epoch's permutation (the
     incomplete last batch of an epoch is dropped), and the global batch's flips, timesteps and noise,
     drawn whole from a generator of (seed, "train", s); then this rank's slice. So resume needs only
-    the step, and the run does not depend on the number of processes."""
+    the step, and the run does not depend on the number of processes.
+
+    Every call fills the same four input buffers in place and returns them: a compiled step then sees
+    identical inputs (the compile probe is these very tensors, so nothing recompiles), and a CUDA graph
+    reads them where it was recorded, without copying them first."""
 
     def __init__(self, images, labels, args, rank: int, world: int, noise_scheduler):
         self.images, self.labels, self.args, self.noise_scheduler = images, labels, args, noise_scheduler
@@ -545,6 +560,12 @@ class TrainingBatches:
         per_rank = args.batch_size // world
         self.mine = slice(rank * per_rank, (rank + 1) * per_rank)
         self.order, self.epoch = None, -1
+        device, shape = images.device, (per_rank, 3, args.image_size, args.image_size)
+        layout = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.buffers = (torch.zeros(shape, device=device).contiguous(memory_format=layout),  # x_t
+                        torch.zeros(per_rank, dtype=torch.long, device=device),               # t
+                        torch.zeros(per_rank, dtype=labels.dtype, device=device),             # y
+                        torch.zeros(shape, device=device))                                    # the noise
 
     def __call__(self, step: int):
         a, device = self.args, self.images.device
@@ -561,9 +582,9 @@ class TrainingBatches:
         if flip is not None:
             x0 = torch.where(flip[self.mine, None, None, None], x0.flip(3), x0)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
-        if a.channels_last:
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        return xt, t, self.labels[idx], noise
+        for buffer, value in zip(self.buffers, (xt, t, self.labels[idx], noise)):
+            buffer.copy_(value)
+        return self.buffers
 
 
 def seed_global_rngs(seed: int, step: int, rank: int) -> None:
@@ -602,6 +623,14 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto the device without making the host wait: pinned, then an asynchronous copy (a
+    plain copy from pageable memory waits until the GPU has finished everything queued before it)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
            image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1):
     """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU of rank 0 (None on the
@@ -610,22 +639,28 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
     Batch b's initial noise comes from its own generator (seed, tag, b), so the images depend on
     neither the device's global RNG nor on how many batches came before. With several processes,
     rank r samples batches r, r + world, ... and rank 0 gathers them in order: the images are the same
-    whatever the number of processes."""
+    whatever the number of processes. The host never waits for the device until the images are complete
+    (one copy back at the end): labels and timesteps go to the device once, the scheduler reads its
+    timesteps as Python ints, and the images stay on the device."""
     with torch.no_grad():
         scheduler = ddim_scheduler(ddim_steps)
+        steps = list(zip(scheduler.timesteps.tolist(), to_device(scheduler.timesteps, device)))
+        labels = to_device(labels, device)
         was_training = model.training
         model.eval()
         out = {}
         batches = range(math.ceil(len(labels) / batch_size))[rank::world]
         for b in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=len(batches) < 2 or rank > 0):
-            y = labels[b * batch_size:(b + 1) * batch_size].to(device)
+            y = labels[b * batch_size:(b + 1) * batch_size]
             x = torch.randn((len(y), 3, image_size, image_size), device=device,
                             generator=generator(device, seed, tag, b))
-            for t in scheduler.timesteps:
+            for t_host, t in steps:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    eps = model(x, t.to(device), y)
-                x = scheduler.step(eps.float(), t, x, eta=0.0).prev_sample
-            out[b] = quantize(x).cpu()
+                    eps = model(x, t, y)
+                x = scheduler.step(eps.float(), t_host, x, eta=0.0).prev_sample
+            out[b] = quantize(x)
+        if out:  # the one copy back to the host
+            out = dict(zip(out, torch.cat(list(out.values())).cpu().split([len(v) for v in out.values()])))
         model.train(was_training)
         if world > 1:
             shards = [None] * world if rank == 0 else None
@@ -831,17 +866,18 @@ class HeldOutMetrics:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, device, *, draws: int, label_draws: int,
                  metric_seed: int, batch_size: int):
-        self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
+        self.images, self.labels = to_device(torch.from_numpy(images), device), to_device(torch.from_numpy(labels), device)
         self.device, self.draws, self.label_draws = device, draws, label_draws
         self.seed, self.batch_size = metric_seed, batch_size
         self.scheduler = ddpm_scheduler()
 
     def chunk_draws(self, kind: str, chunk: int, n: int, k: int):
+        """(t [n, k], noise [n, k, C, H, W]) drawn on the CPU (the same on every device), then sent over."""
         g = generator("cpu", self.seed, "heldout", kind, chunk)
         u = torch.rand(n, k, generator=g)
         t = ((torch.arange(k) + u) * (TRAIN_TIMESTEPS / k)).long().clamp(0, TRAIN_TIMESTEPS - 1)
         noise = torch.randn((n, k) + tuple(self.images.shape[1:]), generator=g)
-        return t, noise
+        return to_device(t, self.device), to_device(noise, self.device)
 
     def losses(self, model, x0, t, noise, labels, amp_dtype) -> torch.Tensor:
         """Per-draw epsilon MSE, [n, k], of images x0 [n, ...] at draws t, noise [n, k, ...] under labels [n]."""
@@ -858,24 +894,27 @@ class HeldOutMetrics:
             return torch.cat(out).reshape(n, k)
 
     def __call__(self, model, amp_dtype=None) -> dict:
+        """The sums stay on the device; the host reads them once, at the end."""
         with torch.no_grad():
             was_training = model.training
             model.eval()
-            loss_sum, right, trials = 0.0, 0, 0
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # the losses, the right draws
+            trials = 0
             for c, start in enumerate(range(0, len(self.images), self.CHUNK)):
-                x0 = (self.images[start:start + self.CHUNK].float() / 127.5 - 1).to(self.device)
-                y = self.labels[start:start + self.CHUNK].to(self.device)
+                x0 = self.images[start:start + self.CHUNK].float() / 127.5 - 1
+                y = self.labels[start:start + self.CHUNK]
                 t, noise = self.chunk_draws("loss", c, len(x0), self.draws)
-                loss_sum += self.losses(model, x0, t.to(self.device), noise.to(self.device), y, amp_dtype).double().sum().item()
+                sums[0] += self.losses(model, x0, t, noise, y, amp_dtype).double().sum()
                 if self.label_draws:
-                    t, noise = (d.to(self.device) for d in self.chunk_draws("label", c, len(x0), self.label_draws))
+                    t, noise = self.chunk_draws("label", c, len(x0), self.label_draws)
                     per_label = torch.stack([self.losses(model, x0, t, noise, torch.full_like(y, label), amp_dtype)
                                              for label in range(NUM_CLASSES)], dim=-1)  # [n, k, 10]
-                    right += (per_label.argmin(-1) == y[:, None]).sum().item()
+                    sums[1] += (per_label.argmin(-1) == y[:, None]).sum()
                     trials += per_label.shape[0] * per_label.shape[1]
             model.train(was_training)
+            loss_sum, right = sums.tolist()
             return dict(heldout_loss=loss_sum / (len(self.images) * self.draws),
-                        label_acc=right / trials if trials else None)
+                        label_acc=round(right) / trials if trials else None)
 
 
 def save_grid(images: torch.Tensor, class_names: list[str], per_class: int, path: Path, zoom: int = 2) -> None:
@@ -1131,8 +1170,8 @@ def protocol_deviations(args) -> list[str]:
 
 def speed_options(args) -> list[str]:
     """The options that change speed (and rounding) but not the protocol's arithmetic."""
-    used = [name for name in ("compile", "channels_last", "tf32", "deterministic") if getattr(args, name)]
-    return used + [f"adam={args.adam}"]
+    used = [name for name in ("channels_last", "tf32", "deterministic") if getattr(args, name)]
+    return ([f"compile={args.compile}"] if args.compile != "off" else []) + used + [f"adam={args.adam}"]
 
 
 def run_config(args, world: int) -> dict:
@@ -1205,7 +1244,8 @@ class Meter:
     the mean and stops the run."""
 
     def __init__(self, device, scaler_skips: bool):
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, grad norm, applied, skips in a row
+        # loss, grad norm, applied steps, skips in a row, and (set at read) whether a stop signal arrived
+        self.sums = torch.zeros(5, device=device, dtype=torch.float64)
         self.steps, self.start, self.scaler_skips = 0, time.perf_counter(), scaler_skips
 
     def add(self, loss, grad_norm) -> None:
@@ -1215,15 +1255,16 @@ class Meter:
         self.sums[3] = torch.where(applied, 0.0, self.sums[3] + 1)
         self.steps += 1
 
-    def read(self, world: int) -> dict:
-        if world > 1:  # every rank then sees the same numbers, so all stop together
+    def read(self, world: int, stop: bool = False) -> dict:
+        self.sums[4] = float(stop)
+        if world > 1:  # every rank then sees the same numbers (a signal to any rank included), so all stop together
             dist.all_reduce(self.sums)
             self.sums /= world
-        loss_sum, grad_sum, applied, in_a_row = self.sums.tolist()
+        loss_sum, grad_sum, applied, in_a_row, stop = self.sums.tolist()
         applied = round(applied)
         out = dict(loss=loss_sum / applied if applied else None, grad_norm=grad_sum / applied if applied else None,
                    skipped_steps=self.steps - applied, skipped_in_a_row=round(in_a_row), steps=self.steps,
-                   seconds=time.perf_counter() - self.start)
+                   seconds=time.perf_counter() - self.start, stop=stop > 0)
         self.sums[:3].zero_()
         self.steps, self.start = 0, time.perf_counter()
         return out
@@ -1242,19 +1283,21 @@ def configure_backends(args, device) -> None:
     torch.use_deterministic_algorithms(args.deterministic)
 
 
-def compile_model(train_model, model, args, device, per_rank: int, amp_dtype):
-    """torch.compile, then one forward and backward on an input built exactly like the training batch
-    (shape, dtype, memory format), so that compilation happens here, inside the eager fallback, and the
-    steps reuse the graph. The probe's gradients are dropped and the model's buffers restored."""
+def compile_model(train_model, model, args, inputs, amp_dtype):
+    """torch.compile (with --compile max in mode reduce-overhead: the compiled forward and backward are
+    launched as CUDA graphs), then one forward and backward on the training input buffers themselves
+    (TrainingBatches fills them in place every step), so that compilation happens here, inside the eager
+    fallback, and no step recompiles: Dynamo guards on every property of its inputs, even on which of
+    them are the same tensor. The probe's gradients are dropped and the model's buffers restored."""
     buffers = [b.clone() for b in model.buffers()]
     try:
-        compiled = torch.compile(train_model)
-        probe = torch.zeros(per_rank, 3, args.image_size, args.image_size, device=device)
-        if args.channels_last:
-            probe = probe.contiguous(memory_format=torch.channels_last)
-        ints = torch.zeros(per_rank, dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = compiled(probe, ints, ints)
+        if args.compile == "max":
+            for tensor in inputs:  # the graphs read these in place instead of copying them into graph memory
+                torch._dynamo.mark_static_address(tensor)
+        compiled = torch.compile(train_model, mode="reduce-overhead" if args.compile == "max" else None)
+        xt, t, y, _ = inputs
+        with torch.autocast(xt.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = compiled(xt, t, y)
         out.float().sum().mul(0).backward()  # (and lets DDP finish its first reduction)
         return compiled
     except Exception as e:
@@ -1299,6 +1342,7 @@ class Run:
     class_names: list
     scorer: object = None
     heldout: object = None
+    params: list = field(default_factory=list)
     step: int = 0
     train_time: float = 0.0
     evals: list = field(default_factory=list)
@@ -1388,11 +1432,12 @@ def print_results(results: dict, run_dir: Path) -> None:
     print(f"  {'grid':<14} {run_dir / results['grid']}")
 
 
-def log_point(run: Run, meter: Meter, pbar) -> None:
+def log_point(run: Run, meter: Meter, pbar, stop_requested: bool = False) -> bool:
     """The interval's one host sync (after the GPU finished the interval's work, so images/s is true),
-    its log line, and the stops: a non-finite loss, or an fp16 scaler that skipped every step."""
+    its log line, and the stops: a non-finite loss, or an fp16 scaler that skipped every step (raised
+    here); a stop signal on any rank (returned, so that every rank checkpoints and stops together)."""
     sync(run.device)
-    m = meter.read(run.world)
+    m = meter.read(run.world, stop_requested)
     run.train_time += m["seconds"]
     first, step, ckpt = run.step - m["steps"], run.step, run.run_dir / "checkpoint.pt"
     record = dict(step=step, loss=m["loss"], lr=run.optimizer.param_groups[0]["lr"], grad_norm=m["grad_norm"],
@@ -1404,13 +1449,13 @@ def log_point(run: Run, meter: Meter, pbar) -> None:
         raise HarnessError(f"every step between {first} and {step} overflowed in fp16 ({m['skipped_in_a_row']} in a "
                            f"row, loss scale now {record['loss_scale']:g}): the gradient scaler has collapsed; the last "
                            f"good checkpoint is kept in {ckpt} (try --precision bf16 or a lower --lr)")
-    if m["loss"] is None:  # the scaler's warm-up at a short --log-every: nothing to show yet
-        return
-    if not math.isfinite(m["loss"]):
+    if m["loss"] is not None and not math.isfinite(m["loss"]):
         pbar.close()
         raise HarnessError(f"the loss became non-finite ({m['loss']}) between steps {first} and {step}; the last good "
                            f"checkpoint is kept in {ckpt} (try a lower --lr or --precision fp16)")
-    pbar.set_postfix(loss=f"{m['loss']:.4f}")
+    if m["loss"] is not None:  # (None: the scaler's warm-up at a short --log-every, nothing to show yet)
+        pbar.set_postfix(loss=f"{m['loss']:.4f}")
+    return m["stop"]
 
 
 def dry_run(args, config: dict, run_dir: Path) -> dict:
@@ -1430,9 +1475,10 @@ def dry_run(args, config: dict, run_dir: Path) -> dict:
     return dict(config=shown, action=action)
 
 
-def build_run(args, rank: int, world: int, config: dict, run_dir: Path) -> tuple[Run, TrainingBatches]:
+def build_run(args, rank: int, world: int, config: dict, run_dir: Path, data=None) -> tuple[Run, TrainingBatches]:
     """The model (its method's contract and budget checked first), its EMA and AdamW in one memory layout,
-    the scaler, the training data on the device, and rank 0's scorers."""
+    the scaler, the training data on the device (`data`: (images, labels, class names) instead of the
+    data set's, for bench.py), and rank 0's scorers."""
     device = torch.device(args.device)
     configure_backends(args, device)
     if config["params"] > config["budget"] and not args.ignore_budget:
@@ -1447,7 +1493,8 @@ def build_run(args, rank: int, world: int, config: dict, run_dir: Path) -> tuple
     scaler = torch.amp.GradScaler(device.type, init_scale=GRAD_SCALER_INIT_SCALE, enabled=args.precision == "fp16")
     run = Run(args, device, rank, world, run_dir, config, model, EMA(model, args.ema_decay),
               make_optimizer(model.parameters(), args), scaler, amp_dtype, class_names=[])
-    images, labels, run.class_names = load_dataset(args, "train")
+    run.params = list(model.parameters())
+    images, labels, run.class_names = data if data is not None else load_dataset(args, "train")
     if len(images) < args.batch_size:
         raise HarnessError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images)")
     batches = TrainingBatches(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device), args, rank,
@@ -1466,11 +1513,26 @@ def build_run(args, rank: int, world: int, config: dict, run_dir: Path) -> tuple
     return run, batches
 
 
+ADAM_KERNEL_FLAGS = ("foreach", "fused", "capturable")
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """AdamW's saved state, run by the kernel that today's options chose. A checkpoint records the kernel
+    flags of the optimizer that wrote it and load_state_dict would restore them: a foreach checkpoint
+    resumed with fused would keep foreach (a host sync every step, and a crash under the fp16 scaler,
+    which hands fused kernels its scale) and the other way round. The flags are today's; load_state_dict
+    then places the step counters where that kernel keeps them (on the device for fused)."""
+    groups = [dict(g, **{k: now[k] for k in ADAM_KERNEL_FLAGS if k in now})
+              for g, now in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict(dict(saved, param_groups=groups))
+
+
 def restore(run: Run, saved: dict) -> None:
-    """The checkpoint's state into the run: weights, EMA, AdamW (re-laid out as the model), scaler, step."""
+    """The checkpoint's state into the run: weights, EMA, AdamW (today's kernel, re-laid out as the model),
+    scaler, step."""
     run.model.load_state_dict(saved["model"])
     run.ema.module.load_state_dict(saved["ema"])
-    run.optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(run.optimizer, saved["optimizer"])
     match_layouts(run.optimizer)
     run.scaler.load_state_dict(saved["scaler"])
     run.step, run.train_time, run.evals = saved["step"], saved["train_time"], saved["evals"]
@@ -1495,6 +1557,48 @@ def open_run_dir(run: Run, action: str) -> None:
         dist.barrier()
 
 
+def training_model(run: Run, batches: TrainingBatches) -> nn.Module:
+    """What the steps call: the model, wrapped in DDP over several processes, compiled when asked."""
+    model = nn.parallel.DistributedDataParallel(run.model) if run.world > 1 else run.model
+    if run.args.compile != "off":
+        model = compile_model(model, run.model, run.args, batches.buffers, run.amp_dtype)
+    return model
+
+
+def take_step(run: Run, batches: TrainingBatches, train_model, meter: Meter, step: int) -> None:
+    """Optimizer step `step` exactly as the loop takes it (bench.py times this very function): the step's
+    batch into the input buffers, its lr, the global RNGs, forward, backward, AdamW, the EMA, the meter."""
+    xt, t, y, noise = batches(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(step, run.args)
+    seed_global_rngs(run.args.seed, step, run.rank)
+    if run.args.compile == "max":
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs may reuse the last step's memory
+    loss, grad_norm = train_step(train_model, xt, t, y, noise, run.optimizer, run.scaler, run.params,
+                                 amp_dtype=run.amp_dtype, grad_clip=run.args.grad_clip)
+    run.ema.update()
+    meter.add(loss, grad_norm)
+    run.step = step
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGUSR1 (SLURM's warning before a time limit) and SIGTERM (preemption, `scontrol requeue`) ask the
+    loop to stop at its next log point with a checkpoint, rather than dying mid-interval. Yields the
+    list of signals received; the previous handlers come back afterwards."""
+    received, previous = [], {}
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+    except ValueError:  # not the main thread (signals can only be caught there): the signals keep their defaults
+        pass
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def train(args, rank: int, world: int) -> dict | None:
     """One run. Rank 0 writes every file; with several processes each takes a slice of every global
     batch (drawn whole, so the run does not depend on their number)."""
@@ -1514,37 +1618,32 @@ def train(args, rank: int, world: int) -> dict | None:
         if rank == 0:
             print(f"{'resumed' if action == 'resume' else 'training on'} {run_dir} at step {run.step}", file=sys.stderr)
     open_run_dir(run, action)
-    train_model = nn.parallel.DistributedDataParallel(run.model) if world > 1 else run.model
-    if args.compile:
-        train_model = compile_model(train_model, run.model, args, run.device, args.batch_size // world, run.amp_dtype)
-    params = list(run.model.parameters())
+    train_model = training_model(run, batches)
 
-    # 3. The loop: a step, the EMA, and at log points the one host sync, evaluations and checkpoints.
+    # 3. The loop: a step (with the EMA), and at log points the one host sync, evaluations, checkpoints, and
+    # the stop a signal asked for (after the step's evaluation, so that the resumed run misses nothing).
     run.model.train()
     pbar = tqdm(total=args.steps, initial=run.step, desc=run_dir.name, dynamic_ncols=True, unit="step", disable=rank > 0)
     meter = Meter(run.device, run.scaler.is_enabled())
-    while run.step < args.steps:
-        step = run.step + 1
-        xt, t, y, noise = batches(step)
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
-        seed_global_rngs(args.seed, step, rank)
-        loss, grad_norm = train_step(train_model, xt, t, y, noise, run.optimizer, run.scaler, params,
-                                     amp_dtype=run.amp_dtype, grad_clip=args.grad_clip)
-        run.ema.update()
-        meter.add(loss, grad_norm)
-        run.step = step
-        pbar.update(1)
-        last = step == args.steps
-        evaluating = (step % args.eval_every == 0 or last) and not (last and args.fid_samples == 0)
-        checkpointing = step % args.ckpt_every == 0 or last
-        if step % args.log_every == 0 or evaluating or checkpointing:
-            log_point(run, meter, pbar)
-            if evaluating:
-                run.evals.append(evaluate(run, f"step{step:06d}", args.fid_samples))
-            if checkpointing:
-                run.save_checkpoint()
-            meter.start = time.perf_counter()
+    with stop_signals() as received:
+        while run.step < args.steps:
+            step = run.step + 1
+            take_step(run, batches, train_model, meter, step)
+            pbar.update(1)
+            last = step == args.steps
+            evaluating = (step % args.eval_every == 0 or last) and not (last and args.fid_samples == 0)
+            checkpointing = step % args.ckpt_every == 0 or last
+            if step % args.log_every == 0 or evaluating or checkpointing:
+                stop = log_point(run, meter, pbar, stop_requested=bool(received))
+                if evaluating:
+                    run.evals.append(evaluate(run, f"step{step:06d}", args.fid_samples))
+                if checkpointing or stop:
+                    run.save_checkpoint()
+                if stop:
+                    pbar.close()
+                    raise Preempted(f"preempted at step {step}: checkpoint written to {run_dir / 'checkpoint.pt'}; "
+                                    f"continue with --resume")
+                meter.start = time.perf_counter()
     pbar.close()
 
     # 4. The final, independent evaluation; 5. the results, written last and atomically.
@@ -1601,7 +1700,13 @@ def main(argv=None) -> dict | None:
         return dry_run(args, run_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
                        Path(args.out_dir) / args.run_name)
     rank, world = init_distributed(args)
-    result = train(args, rank, world)
+    try:
+        result = train(args, rank, world)
+    except Preempted:
+        if world > 1:  # every rank stopped at the same log point, with the checkpoint written: leave together
+            dist.barrier()
+            dist.destroy_process_group()
+        raise
     if world > 1:
         # Leave together, and only on success: a rank that tears gloo down while a peer still works can abort
         # (SIGABRT), and tearing down after an error can hang on a peer's collective; torchrun stops the rest.
@@ -1616,3 +1721,7 @@ if __name__ == "__main__":
     except HarnessError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Preempted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)

@@ -46,3 +46,20 @@ def test_each_scale_is_written_as_soon_as_it_is_measured(tmp_path, monkeypatch):
 
 def test_sync_check_is_for_cuda():
     assert "CUDA only" in bench.main(["--sync-check", "--scales", "tiny", "--device", "cpu"])
+
+
+def test_the_harness_rows_run_the_harness_itself(monkeypatch):
+    """Every harness row is a run built by build_run (configure_backends included) and stepped by
+    take_step, the function train() calls; only the plain loop is bench.py's own."""
+    calls = {"configure_backends": 0, "take_step": 0, "build_run": []}
+    for name in ("configure_backends", "take_step"):
+        real = getattr(custom_train, name)
+        monkeypatch.setattr(custom_train, name, lambda *a, _real=real, _name=name, **k:
+                            calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **k))
+    real_build = custom_train.build_run
+    monkeypatch.setattr(custom_train, "build_run", lambda args, *a, **k: calls["build_run"].append(
+        (args.adam, args.channels_last)) or real_build(args, *a, **k))
+    bench.main(["--scales", "tiny", "--steps", "2", "--warmup", "1", "--batch-size", "4", "--no-sampling",
+                "--variants", "plain", "default", "adam-other", "channels-last"])
+    assert calls["build_run"] == [("foreach", False), ("fused", False), ("foreach", True)]
+    assert calls["configure_backends"] == 3 and calls["take_step"] == 3 * (2 + 1)

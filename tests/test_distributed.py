@@ -104,7 +104,7 @@ def test_compile_failure_falls_back_to_eager(tmp_path, cifar_dir, monkeypatch, c
     monkeypatch.setattr(torch, "compile", broken_compile)
     results = custom_train.main(COMMON + ["--data-dir", str(cifar_dir), "--out-dir", str(tmp_path), "--compile"])
     assert "warning: torch.compile failed (RuntimeError: no compiler here); training eagerly" in capsys.readouterr().err
-    assert results["steps"] == 4 and results["speed_options"] == ["compile", "adam=foreach"]
+    assert results["steps"] == 4 and results["speed_options"] == ["compile=default", "adam=foreach"]
 
 
 @pytest.mark.slow

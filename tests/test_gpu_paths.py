@@ -293,7 +293,7 @@ def test_each_log_point_waits_for_the_device_before_timing(tmp_path, cifar_dir, 
     events = []
     monkeypatch.setattr(custom_train, "sync", lambda device: events.append("sync"))
     real_read = custom_train.Meter.read
-    monkeypatch.setattr(custom_train.Meter, "read", lambda self, world: events.append("read") or real_read(self, world))
+    monkeypatch.setattr(custom_train.Meter, "read", lambda self, *a: events.append("read") or real_read(self, *a))
     run(tmp_path, cifar_dir, "--steps", 4, "--log-every", 2)
     assert events == ["sync", "read"] * 2
 
@@ -328,3 +328,147 @@ def test_a_method_that_draws_random_numbers_resumes_exactly(tmp_path, cifar_dir,
     a, b = ckpt(tmp_path / "straight", "tiny-noisy-s42"), ckpt(tmp_path / "crashed", "tiny-noisy-s42")
     for part in ("model", "ema"):
         assert all(torch.equal(v, b[part][k]) for k, v in a[part].items()), part
+
+
+class CountingBackend:
+    """A torch.compile backend that runs Dynamo's graphs as they are (cheap on a CPU) and counts them: a
+    recompilation is one more graph. Stands in for inductor, whose C++ build takes minutes here."""
+
+    def __init__(self):
+        self.graphs, self.modes = 0, []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+    def install(self, monkeypatch):
+        real = torch.compile
+
+        def compile_(model, mode=None, **kw):
+            self.modes.append(mode)
+            return real(model, backend=self, **kw)
+        monkeypatch.setattr(torch, "compile", compile_)
+        return self
+
+
+def forbid_recompiles_after_the_probe(monkeypatch, seen_inputs: list):
+    real_probe = custom_train.compile_model
+
+    def probe_then_forbid(train_model, model, args, inputs, amp_dtype):
+        compiled = real_probe(train_model, model, args, inputs, amp_dtype)
+        seen_inputs.extend(inputs)
+        torch.compiler.set_stance("fail_on_recompile")
+        return compiled
+    monkeypatch.setattr(custom_train, "compile_model", probe_then_forbid)
+
+
+DIGITS_FAST = ["--preset", "demo", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1", "--fid", "off",
+               "--heldout-draws", "1", "--label-draws", "0", "--method", "concat-film", "--steps", "4",
+               "--eval-every", "2", "--log-every", "1"]
+
+
+def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatch):
+    """--compile: Dynamo compiles once, on the probe, and the steps, with evaluations between them, reuse
+    that graph (a recompile raises under the fail_on_recompile stance); the steps see the very tensors
+    the probe saw, and the losses and held-out metrics equal an eager run's bit for bit (the counting
+    backend runs Dynamo's graph as traced). --compile max asks for mode reduce-overhead (CUDA graphs),
+    marks the step's input buffers static and begins a new CUDA-graph step before each step."""
+    name = "digits-tiny-concat-film-s42"
+    custom_train.main(DIGITS_FAST + ["--out-dir", str(tmp_path / "eager/runs")])
+    for mode in ("default", "max"):
+        backend = CountingBackend().install(monkeypatch)
+        probe_inputs, step_inputs, marks, static = [], [], [], []
+        forbid_recompiles_after_the_probe(monkeypatch, probe_inputs)
+        monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+        real_mark = torch._dynamo.mark_static_address
+        monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, **k: static.append(t) or real_mark(t, **k))
+        real_step = custom_train.train_step
+        monkeypatch.setattr(custom_train, "train_step", lambda m, xt, t, y, *a, **k: step_inputs.append((xt, t, y))
+                            or real_step(m, xt, t, y, *a, **k))
+        try:
+            custom_train.main(DIGITS_FAST + ["--out-dir", str(tmp_path / f"{mode}/runs"), "--compile", mode])
+        finally:
+            torch.compiler.set_stance("default")
+            monkeypatch.undo()
+        assert backend.graphs >= 1 and backend.modes == [None if mode == "default" else "reduce-overhead"]
+        assert len(step_inputs) == 4 and all(a is b for inputs in step_inputs for a, b in zip(inputs, probe_inputs))
+        assert len(marks) == (4 if mode == "max" else 0)
+        assert [id(t) for t in static] == ([id(t) for t in probe_inputs] if mode == "max" else [])
+    for key in ("loss", "heldout_loss"):
+        values = {d: [r[key] for r in log_lines(tmp_path / d, name) if key in r] for d in ("eager", "default", "max")}
+        assert len(values["eager"]) == {"loss": 4, "heldout_loss": 2}[key]
+        assert values["default"] == values["eager"] and values["max"] == values["eager"]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("before,after", [("foreach", "fused"), ("fused", "foreach")])
+def test_a_checkpoint_resumes_with_the_other_adamw_kernel(tmp_path, monkeypatch, precision, before, after):
+    """A checkpoint made with one AdamW kernel resumed with the other: no crash (a foreach state under the
+    fp16 scaler's fused path asserted in torch), the kernel that runs is the one asked for now, AdamW's
+    state carried on (its step counters continue), and the results record the kernel."""
+    import torch.optim.adam as adam_module
+
+    args = ["--steps", 2, "--log-every", 2, "--lr", 1e-3, "--precision", precision]
+    run_fp16(tmp_path, *args, "--adam", before)
+    ran = []
+    for kernel in ("_fused_adam", "_multi_tensor_adam"):
+        real = getattr(adam_module, kernel)
+        monkeypatch.setattr(adam_module, kernel, lambda *a, _real=real, _name=kernel, **k: ran.append(_name) or _real(*a, **k))
+    results = run_fp16(tmp_path, *args, "--steps", 4, "--adam", after, "--resume")
+    assert ran == [{"fused": "_fused_adam", "foreach": "_multi_tensor_adam"}[after]] * 2
+    state = ckpt(tmp_path, DIGITS)["optimizer"]
+    assert all(bool(g["fused"]) is (after == "fused") and bool(g["foreach"]) is (after == "foreach")
+               for g in state["param_groups"])
+    assert {int(s["step"]) for s in state["state"].values()} == {4}
+    assert f"adam={after}" in results["speed_options"] and results["steps"] == 4
+
+
+SAMPLING = dict(seed=0, tag="t", image_size=16, amp_dtype=None, device=torch.device("cpu"))
+
+
+def count_blocking_copies_and_syncs(monkeypatch, fn):
+    """count_host_syncs, plus every blocking copy to a device that the harness makes (Tensor.to with a
+    device and without non_blocking, called from custom_train.py): from pageable host memory, such a copy
+    waits for the GPU to finish all queued work. (diffusers' own .to calls move its tables once and are
+    no-ops after that on a GPU, so they are not counted.)"""
+    import sys
+
+    copies = []
+    real_to = torch.Tensor.to
+
+    def to(self, *a, **k):
+        moves = any(isinstance(x, (torch.device, str)) for x in a) or "device" in k
+        if moves and not k.get("non_blocking", False) and sys._getframe(1).f_code.co_filename == custom_train.__file__:
+            copies.append(1)
+        return real_to(self, *a, **k)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return count_host_syncs(monkeypatch, fn) + len(copies)
+
+
+def test_sampling_waits_for_the_device_once_whatever_its_steps_and_batches(monkeypatch):
+    """DDIM: the timesteps and labels go to the device once and the images come back once, so the host
+    waits for the device the same number of times for 2 or 5 DDIM steps and for 1 or 3 batches."""
+    torch.manual_seed(0)
+    model = custom_train.build_model("tiny", "concat-film", 16)
+    counts = {}
+    for steps, n in ((2, 4), (5, 4), (2, 12)):
+        counts[steps, n] = count_blocking_copies_and_syncs(monkeypatch, lambda: custom_train.sample(
+            model, torch.arange(n) % 10, batch_size=4, ddim_steps=steps, **SAMPLING))
+    assert counts[2, 4] == counts[5, 4] == counts[2, 12] > 0
+
+
+def test_the_heldout_metrics_wait_for_the_device_once_whatever_their_chunks(monkeypatch):
+    """The held-out sums stay on the device and are read once: the same waits for 1 and 3 chunks."""
+    from proxy import load_digits
+
+    torch.manual_seed(0)
+    model = custom_train.build_model("tiny", "concat-film", 16)
+    images, labels, _ = load_digits("held-out")
+    monkeypatch.setattr(custom_train.HeldOutMetrics, "CHUNK", 4)
+    counts = []
+    for n in (4, 12):
+        metrics = custom_train.HeldOutMetrics(images[:n], labels[:n], torch.device("cpu"), draws=2, label_draws=1,
+                                              metric_seed=0, batch_size=64)
+        counts.append(count_blocking_copies_and_syncs(monkeypatch, lambda: metrics(model)))
+        monkeypatch.setattr(custom_train.HeldOutMetrics, "CHUNK", 4)  # (count_host_syncs undoes every patch)
+    assert counts[0] == counts[1] > 0
