@@ -289,3 +289,45 @@ def test_dry_run_prints_the_configuration_and_writes_nothing(tmp_path, capsys):
     assert "lr=0.001 (protocol: 0.0002)" in printed and "fid_resize=torch (protocol: pil)" in printed
     assert '"batch_size": 128' in printed and f"run directory: {tmp_path / 'small-cross-attn-s42'}" in printed
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stop_signal_checkpoints_at_the_next_log_point_and_the_resume_is_exact(tmp_path, cifar_dir, monkeypatch):
+    """SIGUSR1 (SLURM's warning before a time limit) in step 3 and SIGTERM (preemption) in step 5: each run
+    trains on to the next log point (4, 6), evaluates if that step evaluates, writes its checkpoint, stops
+    with Preempted (exit status 3 from the command line) and restores the signal handlers; resumed, it ends
+    bit-identical to an uninterrupted run, with the same log and evaluations."""
+    import os
+    import signal
+
+    args = ["--steps", 8, "--ckpt-every", 8, "--eval-every", 4, "--fid", "off", "--lr", "1e-3"]
+    run(tmp_path / "straight", cifar_dir, *args)
+    run_dir = tmp_path / "stopped/runs/tiny-cross-attn-s42"
+    real = custom_train.ddpm_scheduler
+    for sig, at_call, stops_at in ((signal.SIGUSR1, 3, 4), (signal.SIGTERM, 1, 6)):  # steps 3 and 5 (resumed at 4)
+        def signalling_scheduler():
+            s, calls = real(), []
+            add_noise = s.add_noise
+
+            def add_noise_and_signal(*a):
+                calls.append(1)
+                if len(calls) == at_call:
+                    os.kill(os.getpid(), sig)
+                return add_noise(*a)
+            s.add_noise = add_noise_and_signal
+            return s
+        monkeypatch.setattr(custom_train, "ddpm_scheduler", signalling_scheduler)
+        with pytest.raises(custom_train.Preempted, match=f"preempted at step {stops_at}: checkpoint written to "
+                                                         f"{run_dir / 'checkpoint.pt'}; continue with --resume"):
+            run(tmp_path / "stopped", cifar_dir, *args, *(["--resume"] if stops_at > 4 else []))
+        assert signal.getsignal(sig) is signal.SIG_DFL  # the handlers are the process's again
+        assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["step"] == stops_at
+    monkeypatch.setattr(custom_train, "ddpm_scheduler", real)
+    run(tmp_path / "stopped", cifar_dir, *args, "--resume")
+    straight = torch.load(tmp_path / "straight/runs/tiny-cross-attn-s42/checkpoint.pt", weights_only=False)
+    assert_same_state(straight, torch.load(run_dir / "checkpoint.pt", weights_only=False))
+
+    def without_timing(path):
+        return [{k: v for k, v in r.items() if k != "images_per_s"} for r in strict_json_lines(path)]
+    log = without_timing(run_dir / "log.jsonl")
+    assert log == without_timing(tmp_path / "straight/runs/tiny-cross-attn-s42/log.jsonl")
+    assert [r["step"] for r in log if "eval" in r] == [4, 8, 8]  # the step-4 evaluation happened before the stop
