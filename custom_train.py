@@ -1174,16 +1174,23 @@ def speed_options(args) -> list[str]:
     return ([f"compile={args.compile}"] if args.compile != "off" else []) + used + [f"adam={args.adam}"]
 
 
-def run_config(args, world: int) -> dict:
-    """Every option as resolved, the method's code, and what the run was made with: config.json."""
+def run_config(args, world: int, count_parameters: bool = True) -> dict:
+    """Every option as resolved, the method's code, and what the run was made with: config.json. The
+    parameter count builds the model (on the meta device, but importing diffusers takes seconds), so a
+    finished run that is only looked up can go without it."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
               if k not in ("list_methods", "count_params", "dry_run", "resume", "overwrite", "prefetch")}
-    params, budget = params_and_budget(args.scale, args.method)
     config.update(method_source=method_code(args.method), method_file=str(Path(args.method).resolve())
-                  if is_method_file(args.method) else None, params=params, budget=budget,
-                  within_budget=params <= budget, protocol_deviations=protocol_deviations(args),
+                  if is_method_file(args.method) else None, protocol_deviations=protocol_deviations(args),
                   speed_options=speed_options(args), world_size=world, **git_state())
+    if count_parameters:
+        config.update(parameter_count(args))
     return config
+
+
+def parameter_count(args) -> dict:
+    params, budget = params_and_budget(args.scale, args.method)
+    return dict(params=params, budget=budget, within_budget=params <= budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1604,12 +1611,13 @@ def train(args, rank: int, world: int) -> dict | None:
     batch (drawn whole, so the run does not depend on their number)."""
     # 1. Setup: what the run directory holds decides what happens; then the model, EMA, AdamW, data, scorers.
     run_dir = Path(args.out_dir) / args.run_name
-    config = run_config(args, world)
+    config = run_config(args, world, count_parameters=False)
     action, saved = plan_run(args, config, run_dir)
     if action == "done":
         if rank == 0:
             print(f"{run_dir} finished with these options and code; nothing to do", file=sys.stderr)
         return saved
+    config.update(parameter_count(args))
     run, batches = build_run(args, rank, world, config, run_dir)
 
     # 2. Resume: a checkpoint (interrupted, or a finished run asked for more steps) continues exactly.

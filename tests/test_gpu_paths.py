@@ -364,7 +364,7 @@ def forbid_recompiles_after_the_probe(monkeypatch, seen_inputs: list):
 
 DIGITS_FAST = ["--preset", "demo", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1", "--fid", "off",
                "--heldout-draws", "1", "--label-draws", "0", "--method", "concat-film", "--steps", "4",
-               "--eval-every", "2", "--log-every", "1"]
+               "--eval-every", "2", "--log-every", "1", "--precision", "fp16", "--adam", "fused"]
 
 
 def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatch):
@@ -372,8 +372,11 @@ def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatc
     that graph (a recompile raises under the fail_on_recompile stance); the steps see the very tensors
     the probe saw, and the losses and held-out metrics equal an eager run's bit for bit (the counting
     backend runs Dynamo's graph as traced). --compile max asks for mode reduce-overhead (CUDA graphs),
-    marks the step's input buffers static and begins a new CUDA-graph step before each step."""
+    marks the step's input buffers static and begins a new CUDA-graph step before each step. In fp16
+    from a huge loss scale, so that the scaler skips the first steps: skips, loss scale and the meter's
+    numbers are the eager run's too."""
     name = "digits-tiny-concat-film-s42"
+    monkeypatch.setattr(custom_train, "GRAD_SCALER_INIT_SCALE", 2.0 ** 19)
     custom_train.main(DIGITS_FAST + ["--out-dir", str(tmp_path / "eager/runs")])
     for mode in ("default", "max"):
         backend = CountingBackend().install(monkeypatch)
@@ -390,14 +393,17 @@ def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatc
         finally:
             torch.compiler.set_stance("default")
             monkeypatch.undo()
+            monkeypatch.setattr(custom_train, "GRAD_SCALER_INIT_SCALE", 2.0 ** 19)
         assert backend.graphs >= 1 and backend.modes == [None if mode == "default" else "reduce-overhead"]
         assert len(step_inputs) == 4 and all(a is b for inputs in step_inputs for a, b in zip(inputs, probe_inputs))
         assert len(marks) == (4 if mode == "max" else 0)
         assert [id(t) for t in static] == ([id(t) for t in probe_inputs] if mode == "max" else [])
-    for key in ("loss", "heldout_loss"):
+    for key in ("loss", "skipped_steps", "loss_scale", "grad_norm", "heldout_loss"):
         values = {d: [r[key] for r in log_lines(tmp_path / d, name) if key in r] for d in ("eager", "default", "max")}
-        assert len(values["eager"]) == {"loss": 4, "heldout_loss": 2}[key]
-        assert values["default"] == values["eager"] and values["max"] == values["eager"]
+        assert len(values["eager"]) == (2 if key == "heldout_loss" else 4)
+        assert values["default"] == values["eager"] and values["max"] == values["eager"], key
+    skipped = [r["skipped_steps"] for r in log_lines(tmp_path / "max", name) if "skipped_steps" in r]
+    assert 1 <= sum(skipped) < 4  # the scaler skipped steps, then trained
 
 
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
