@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny CIFAR-10 in the real on-disk format, and a stand-in for clean-fid's Inception."""
 import copy
+import os
 import pickle
 import struct
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest.ini runs two workers on two cores: one thread each, and for the runs they start (before torch starts)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest

@@ -89,11 +89,15 @@ def test_speed_options_keep_the_arithmetic(tmp_path, cifar_dir):
     assert mean_diff(weights["plain"], weights["no-decay"]) > 20 * rounding
 
 
-def test_batch_must_divide_over_processes(tmp_path, cifar_dir):
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "custom_train.py"), *COMMON, "--batch-size", "7", "--data-dir", str(cifar_dir),
-                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "the global --batch-size 7 is not divisible by 2 processes" in proc.stderr
+def test_batch_must_divide_over_processes(tmp_path, cifar_dir, monkeypatch):
+    """Checked from torchrun's variables before any process group starts (so in one process here; the
+    2-process tests above start real torchrun)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(custom_train.HarnessError, match="the global --batch-size 7 is not divisible by 2 processes"):
+        custom_train.main(COMMON + ["--batch-size", "7", "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)])
+    assert not tmp_path.joinpath("tiny-adanorm-s42").exists()
 
 
 def test_compile_failure_falls_back_to_eager(tmp_path, cifar_dir, monkeypatch, capsys):
