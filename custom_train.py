@@ -571,7 +571,7 @@ class TrainingBatches:
         a, device = self.args, self.images.device
         if self.epoch != (step - 1) // self.per_epoch:
             self.epoch = (step - 1) // self.per_epoch
-            self.order = epoch_order(a.seed, self.epoch, len(self.images)).to(device)
+            self.order = to_device(epoch_order(a.seed, self.epoch, len(self.images)), device)  # (no host sync)
         idx = self.order[((step - 1) % self.per_epoch) * a.batch_size:][:a.batch_size]
         rng = generator(device, a.seed, "train", step)
         flip = torch.rand(a.batch_size, device=device, generator=rng) < 0.5 if a.hflip else None

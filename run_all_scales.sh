@@ -196,11 +196,13 @@ slurm_wait() {
   local ids out
   ids=$(IFS=,; echo "$*")
   while :; do
-    if out=$(squeue -h -j "$ids" -o %i 2>&1); then
+    if out=$(squeue -h -j "$ids" -o %i 2> "$sweep/squeue.err"); then  # (stdout only: a site's warnings go aside)
       [[ -z $out ]] && return 0
-    elif [[ $out == *"Invalid job id"* ]]; then
+    elif grep -q "Invalid job id" "$sweep/squeue.err"; then
       return 0  # long finished: SLURM has forgotten them
-    fi  # any other error (a busy controller): ask again
+    else
+      echo "squeue failed, asking again: $(head -n 1 "$sweep/squeue.err")" >&2  # a busy controller, say
+    fi
     sleep "${WAIT_POLL:-10}"
   done
 }
@@ -229,7 +231,7 @@ if [[ $slurm -eq 1 ]]; then
     read -r gpu cpu mem time <<< "$(slurm_resources "$scale")"
     resources=(--nodes="${nodes:-1}" --ntasks-per-node=1 --cpus-per-task=$((cpu * per_node)) --mem=$((mem * per_node))G
                --time="$time")
-    device=()
+    device=(--device cpu)  # a CPU run stays one on a GPU node (CUDA may be visible without a GPU asked for)
     if [[ $gpu -gt 0 ]]; then
       resources+=(--gres=gpu:$((gpu * per_node)))
       device=(--device cuda)  # a GPU that is not there is an error, not a CPU run

@@ -94,7 +94,7 @@ class LocalSlurm:
             "GresTypes=gpu",
             # at least 2 CPUs, whatever the machine has (config_overrides: slurmd believes this file), for the 2-process task
             "SlurmdParameters=config_overrides",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={max(2, os.cpu_count())} RealMemory={mem_mb * 3 // 4} Gres=gpu:2 "
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={max(2, os.cpu_count())} RealMemory={max(mem_mb * 3 // 4, 16384)} Gres=gpu:2 "
             "State=UNKNOWN",
             f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
         (d / "gres.conf").write_text(f"NodeName={host} Name=gpu File=/dev/null\nNodeName={host} Name=gpu File=/dev/zero\n")
@@ -198,9 +198,10 @@ def cmdline(pid: int) -> bytes:
 # The tests that need the cluster; the option checks at the end do not.
 slurm = pytest.mark.slurm
 
-# Tiny digits runs scored by heldout_loss alone (the cheapest metric): 20 steps leave time to signal a task
-# mid-run, with a log line (and so a chance to stop) every 2 steps.
-STEPS = 20
+# Tiny digits runs scored by heldout_loss alone (the cheapest metric): 40 steps leave time to signal a task
+# mid-run (SLURM delivers a signal within a second; 38 steps take several here), with a log line (and so a
+# chance to stop) every 2 steps.
+STEPS = 40
 TRAIN = ["--steps", str(STEPS), "--batch-size", "8", "--fid", "off", "--ddim-steps", "2", "--grid-per-class", "1",
          "--heldout-draws", "2", "--label-draws", "0", "--log-every", "2"]
 METHODS = ["concat-film", "adanorm"]
