@@ -266,7 +266,7 @@ fi
 
 failed_list=$(mktemp)
 trap 'rm -f "$failed_list"' EXIT
-cores=$(nproc 2>/dev/null || echo 1)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)  # nproc would honour OMP_NUM_THREADS
 threads=$(( cores / jobs > 0 ? cores / jobs : 1 ))
 
 # One run: METHOD SCALE SEED [GPU list]. A failure is noted and the other runs go on.

@@ -363,15 +363,15 @@ def forbid_recompiles_after_the_probe(monkeypatch, seen_inputs: list):
 
 
 DIGITS_FAST = ["--preset", "demo", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1", "--fid", "off",
-               "--heldout-draws", "1", "--label-draws", "0", "--method", "concat-film", "--steps", "4",
+               "--heldout-draws", "0", "--method", "concat-film", "--steps", "4",
                "--eval-every", "2", "--log-every", "1", "--precision", "fp16", "--adam", "fused"]
 
 
 def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatch):
     """--compile: Dynamo compiles once, on the probe, and the steps, with evaluations between them, reuse
     that graph (a recompile raises under the fail_on_recompile stance); the steps see the very tensors
-    the probe saw, and the losses and held-out metrics equal an eager run's bit for bit (the counting
-    backend runs Dynamo's graph as traced). --compile max asks for mode reduce-overhead (CUDA graphs),
+    the probe saw, and the losses and the evaluations' sample grids equal an eager run's bit for bit (the
+    counting backend runs Dynamo's graph as traced). --compile max asks for mode reduce-overhead (CUDA graphs),
     marks the step's input buffers static and begins a new CUDA-graph step before each step. In fp16
     from a huge loss scale, so that the scaler skips the first steps: skips, loss scale and the meter's
     numbers are the eager run's too."""
@@ -398,10 +398,13 @@ def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatc
         assert len(step_inputs) == 4 and all(a is b for inputs in step_inputs for a, b in zip(inputs, probe_inputs))
         assert len(marks) == (4 if mode == "max" else 0)
         assert [id(t) for t in static] == ([id(t) for t in probe_inputs] if mode == "max" else [])
-    for key in ("loss", "skipped_steps", "loss_scale", "grad_norm", "heldout_loss"):
+    for key in ("loss", "skipped_steps", "loss_scale", "grad_norm", "grid"):
         values = {d: [r[key] for r in log_lines(tmp_path / d, name) if key in r] for d in ("eager", "default", "max")}
-        assert len(values["eager"]) == (2 if key == "heldout_loss" else 4)
+        assert len(values["eager"]) == (2 if key == "grid" else 4)  # evaluations at step 2 and at the end
         assert values["default"] == values["eager"] and values["max"] == values["eager"], key
+    for grid in values["eager"]:  # the evaluations sampled the same images
+        pngs = {(tmp_path / d / "runs" / name / grid).read_bytes() for d in ("eager", "default", "max")}
+        assert len(pngs) == 1
     skipped = [r["skipped_steps"] for r in log_lines(tmp_path / "max", name) if "skipped_steps" in r]
     assert 1 <= sum(skipped) < 4  # the scaler skipped steps, then trained
 
