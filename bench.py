@@ -18,6 +18,7 @@ appended to --out, as soon as it is measured, so a run stopped by a time limit k
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -147,8 +148,9 @@ def time_steps(step, steps: int, warmup: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@functools.lru_cache(maxsize=2)
 def fake_data(device, image_size=32):
-    """Random uint8 images and labels: CIFAR-10's size on a GPU, a few batches on the CPU."""
+    """Random uint8 images and labels: CIFAR-10's size on a GPU, a few batches on the CPU (made once)."""
     n = 50_000 if device.type == "cuda" else 256
     g = torch.Generator().manual_seed(0)
     return (torch.randint(0, 256, (n, 3, image_size, image_size), dtype=torch.uint8, generator=g).numpy(),

@@ -626,7 +626,7 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     """A host tensor onto the device without making the host wait: pinned, then an asynchronous copy (a
     plain copy from pageable memory waits until the GPU has finished everything queued before it)."""
-    if device.type == "cuda":
+    if device.type == "cuda" and tensor.device.type == "cpu":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 
@@ -870,6 +870,8 @@ class HeldOutMetrics:
         self.device, self.draws, self.label_draws = device, draws, label_draws
         self.seed, self.batch_size = metric_seed, batch_size
         self.scheduler = ddpm_scheduler()
+        # (diffusers would copy its table to the device at the first add_noise, a blocking copy)
+        self.scheduler.alphas_cumprod = to_device(self.scheduler.alphas_cumprod, device)
 
     def chunk_draws(self, kind: str, chunk: int, n: int, k: int):
         """(t [n, k], noise [n, k, C, H, W]) drawn on the CPU (the same on every device), then sent over."""
@@ -1283,6 +1285,9 @@ def configure_backends(args, device) -> None:
     process that runs several trainings (the tests) starts each from its own options."""
     precision = "tf32" if args.tf32 else "ieee"
     torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = precision
+    # the same through the legacy API too: inductor (and a method) may read it, and reading a legacy flag
+    # set only through the new API raises
+    torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     torch.backends.cudnn.benchmark = device.type == "cuda" and not args.deterministic
     torch.backends.cudnn.deterministic = args.deterministic
     if args.deterministic:

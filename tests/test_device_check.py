@@ -139,7 +139,7 @@ def test_the_check_installs_only_what_is_missing_and_writes_each_part(tmp_path, 
     assert "torch 2.11.0 stand-in" in summary and "torch 2.11.0 stand-in" in (out / "env.txt").read_text()
     assert "host syncs none" in summary and "torchrun" not in summary
     assert ("  train: 300 steps, 1000 images/s, peak memory 1.50 GiB, loss 0.5000 -> 0.1000 (finite: True, "
-            "falling: True), heldout_loss 0.05000, label_acc 0.300\n") in summary
+            "falling: True), 0 skipped fp16 steps, heldout_loss 0.05000, label_acc 0.300\n") in summary
     assert '"steps": 500' in (out / "resume_results.json").read_text() and "  resume: 500 steps" in summary  # + 200
     # compilation last, recompilations counted per part; the bench tables of both appended to bench.md
     trains = [c for c in calls if "custom_train.py" in c]

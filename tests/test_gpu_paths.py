@@ -364,7 +364,8 @@ def forbid_recompiles_after_the_probe(monkeypatch, seen_inputs: list):
 
 DIGITS_FAST = ["--preset", "demo", "--batch-size", "4", "--ddim-steps", "2", "--grid-per-class", "1", "--fid", "off",
                "--heldout-draws", "0", "--method", "concat-film", "--steps", "4",
-               "--eval-every", "2", "--log-every", "1", "--precision", "fp16", "--adam", "fused"]
+               "--eval-every", "2", "--log-every", "1", "--precision", "fp16", "--adam", "fused",
+               "--ema-eval-start", "3"]  # the step-2 evaluation samples the raw (compiled) model: eval(), then train()
 
 
 def test_compiled_training_never_recompiles_after_the_probe(tmp_path, monkeypatch):
