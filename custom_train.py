@@ -1436,12 +1436,12 @@ def assemble_results(run: Run, final: dict) -> dict:
 
 def print_results(results: dict, run_dir: Path) -> None:
     print(f"\n{run_dir}")
-    for key in ("best_fid", "best_fid_step", "fid", "proxy_fd", "class_acc", "heldout_loss", "label_acc", "params",
-                "steps", "images_per_s"):
+    for key in ("best_fid", "best_fid_step", "fid", "proxy_fd", "class_acc", "proxy_kid", "proxy_intra_fd",
+                "proxy_precision", "proxy_recall", "heldout_loss", "label_acc", "params", "steps", "images_per_s"):
         value = results.get(key)
         if value is not None:
-            print(f"  {key:<14} {value:,.4f}" if isinstance(value, float) else f"  {key:<14} {value:,}")
-    print(f"  {'grid':<14} {run_dir / results['grid']}")
+            print(f"  {key:<15} {value:,.4f}" if isinstance(value, float) else f"  {key:<15} {value:,}")
+    print(f"  {'grid':<15} {run_dir / results['grid']}")
 
 
 def log_point(run: Run, meter: Meter, pbar, stop_requested: bool = False) -> bool:

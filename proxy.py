@@ -9,6 +9,9 @@ conditioning methods on a CPU.
 * ``proxy_fd``: Frechet distance (clean-fid's function) between the classifier's penultimate
   features of generated samples and of the real held-out images.
 * ``class_acc``: fraction of generated samples the classifier assigns to their conditioning class.
+* the class-conditional panel from the same features (evaluation.py): ``proxy_kid``,
+  ``proxy_intra_fd`` (with 36 held-out digits per class: a noisy number), ``proxy_precision`` and
+  ``proxy_recall``, and per class the intra-FD and class accuracy.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from evaluation import feature_distance, panel
 
 DIGITS_SIZE = 16
 SPLIT = dict(test_size=0.2, random_state=0)  # stratified by class
@@ -119,22 +124,15 @@ def load_classifier(cache_dir: Path, recipe: dict = CLASSIFIER_RECIPE) -> tuple[
     return model, accuracy
 
 
-def feature_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets, by clean-fid's own function."""
-    from cleanfid.fid import frechet_distance
-
-    mu_a, sigma_a = feats_a.mean(0), np.cov(feats_a, rowvar=False)
-    mu_b, sigma_b = feats_b.mean(0), np.cov(feats_b, rowvar=False)
-    return float(frechet_distance(mu_a, sigma_a, mu_b, sigma_b))
-
-
 def balanced_labels(n: int) -> torch.Tensor:
     """0, 1, ..., 9, 0, 1, ...: every class equally often when n is a multiple of 10."""
     return torch.arange(n) % 10
 
 
 class ProxyMetrics:
-    """proxy_fd and class_acc of generated digits, against the held-out split."""
+    """proxy_fd and class_acc of generated digits, against the held-out split, and the class-conditional
+    panel from the same features (evaluation.py): proxy_kid, proxy_intra_fd, proxy_precision,
+    proxy_recall, and per class the intra-FD and class accuracy."""
 
     def __init__(self, cache_dir: Path, device="cpu", recipe: dict = CLASSIFIER_RECIPE):
         self.classifier, self.accuracy = load_classifier(cache_dir, recipe)
@@ -143,7 +141,7 @@ class ProxyMetrics:
                              f"{ACCURACY_FLOOR}); its metrics would not be trustworthy")
         self.device = torch.device(device)
         self.classifier.to(self.device)
-        held_out, _, _ = load_digits("held-out")
+        held_out, self.reference_labels, _ = load_digits("held-out")
         self.reference = self.features(torch.from_numpy(held_out))[0]
 
     @torch.no_grad()
@@ -158,6 +156,8 @@ class ProxyMetrics:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> dict:
         """images: uint8 [N, 3, 16, 16] (quantised exactly as for FID); labels: their conditioning classes."""
         feats, predictions = self.features(images)
+        p = panel(feats, labels.numpy(), self.reference, self.reference_labels, predictions)
         return dict(proxy_fd=feature_distance(feats, self.reference),
                     class_acc=float((predictions == labels.numpy()).mean()), proxy_samples=len(images),
-                    classifier_accuracy=self.accuracy)
+                    classifier_accuracy=self.accuracy, proxy_kid=p["kid"], proxy_intra_fd=p["intra_fd"],
+                    proxy_precision=p["precision"], proxy_recall=p["recall"], per_class=p["per_class"])

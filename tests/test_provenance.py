@@ -163,7 +163,8 @@ def test_setup_leaves_buffers_untouched_and_the_ema_averages_them(tmp_path, cifa
 
 def copy_project(dest):
     dest.mkdir()
-    for name in ("custom_train.py", "conditioning.py", "proxy.py", "report.py", "run_all_scales.sh", "setup.cfg"):
+    for name in ("custom_train.py", "conditioning.py", "proxy.py", "evaluation.py", "report.py", "run_all_scales.sh",
+                 "setup.cfg"):
         shutil.copy(ROOT / name, dest / name)  # (setup.cfg: mutation testing runs this test on mutated copies)
     return dest
 

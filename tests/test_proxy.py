@@ -64,17 +64,6 @@ def test_weak_classifier_is_refused(tmp_path):
         proxy.ProxyMetrics(tmp_path, recipe=weak)
 
 
-def test_feature_distance_hand_checked():
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(400, 5))
-    assert abs(proxy.feature_distance(a, a)) < 1e-6
-    shift = np.array([1.0, -2.0, 0.5, 0.0, 3.0])
-    assert proxy.feature_distance(a + shift, a) == pytest.approx(shift @ shift, rel=1e-6)  # |d|^2
-    k = 2.0  # b = k a: |(1 - k) mu|^2 + (1 - k)^2 tr(Sigma)
-    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
-    assert proxy.feature_distance(k * a, a) == pytest.approx((1 - k) ** 2 * (mu @ mu + np.trace(sigma)), rel=1e-6)
-
-
 def test_metrics_on_real_held_out_images(metrics):
     held, labels, _ = proxy.load_digits("held-out")
     images, labels = torch.from_numpy(held), torch.from_numpy(labels)
@@ -85,6 +74,17 @@ def test_metrics_on_real_held_out_images(metrics):
     assert wrong["class_acc"] < 0.05
     noise = torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     assert metrics(noise, labels)["proxy_fd"] > 10 * max(right["proxy_fd"], 1e-3)
+    # the panel: the held-out digits against themselves are the reference exactly, class by class
+    assert right["proxy_precision"] == right["proxy_recall"] == 1.0
+    assert max(map(abs, right["per_class"]["intra_fd"])) < 1e-3  # 36 digits in 64 dimensions: sqrtm's rounding
+    counts = np.bincount(labels.numpy(), minlength=10)  # 35 to 37 held-out digits per class
+    assert np.dot(right["per_class"]["class_acc"], counts) / counts.sum() == pytest.approx(metrics.accuracy)
+    assert wrong["proxy_intra_fd"] > 10  # the right images under the wrong labels
+    assert wrong["proxy_fd"] == right["proxy_fd"] and max(wrong["per_class"]["class_acc"]) < 0.1  # FD is blind to it
+    garbage = metrics(noise, labels)
+    assert garbage["proxy_precision"] < 0.5 and garbage["proxy_recall"] < 0.5
+    # KID of a set against itself is not 0 (the cross term counts each point with itself), but small beside noise's
+    assert abs(right["proxy_kid"]) < 0.02 * garbage["proxy_kid"]
 
 
 def test_balanced_labels():
