@@ -52,16 +52,18 @@ def kid(feats_a: np.ndarray, feats_b: np.ndarray, seed: int = 0, num_subsets: in
 def intra_fd(feats: np.ndarray, labels: np.ndarray, ref_feats: np.ndarray, ref_labels: np.ndarray,
              num_classes: int = 10) -> tuple[float, list[float]]:
     """(the mean over classes, each class's) Frechet distance between the samples conditioned on a class
-    and the references of that class. With fewer features per class than dimensions the covariances are
-    singular: scipy's warning about it is silenced, and the number is noisier (clean-fid's sqrtm copes)."""
+    and the references of that class; None where a class has fewer than 2 of either (no covariance). With
+    fewer features per class than dimensions the covariances are singular: scipy's warning about it is
+    silenced, and the number is noisier (clean-fid's sqrtm copes)."""
     import warnings
 
     from scipy.linalg import LinAlgWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LinAlgWarning)
-        per_class = [feature_distance(feats[labels == c], ref_feats[ref_labels == c]) for c in range(num_classes)]
-    return float(np.mean(per_class)), per_class
+        per_class = [feature_distance(feats[labels == c], ref_feats[ref_labels == c])
+                     if min((labels == c).sum(), (ref_labels == c).sum()) >= 2 else None for c in range(num_classes)]
+    return (None if None in per_class else float(np.mean(per_class))), per_class
 
 
 def _kth_neighbour_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
@@ -77,7 +79,10 @@ def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, ch
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = PR_NEIGHBOURS, chunk: int = 1000,
                      device="cpu") -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) of `fake` against `real` features."""
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of `fake` against `real` features; None for
+    both when either set has no k-th neighbour (k + 1 features or fewer)."""
+    if min(len(real), len(fake)) <= k:
+        return None, None
     real_t = torch.as_tensor(real, dtype=torch.float64 if torch.device(device).type == "cpu" else torch.float32,
                              device=device)
     fake_t = torch.as_tensor(fake, dtype=real_t.dtype, device=device)

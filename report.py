@@ -34,8 +34,11 @@ from pathlib import Path
 SCALE_ORDER = ("small", "medium", "large")
 BASELINES = ("concat-film", "cross-attn", "adanorm")
 # metric -> which direction is better; the proxy metrics from the samples, then the held-out metrics
-PROXY_METRICS = {"proxy_fd": "lower", "class_acc": "higher", "heldout_loss": "lower", "label_acc": "higher"}
-DIGITS = {"proxy_fd": 3, "class_acc": 3, "heldout_loss": 5, "label_acc": 4}
+# (a table or plot shows the metrics its runs have: runs made before the panel existed lack its four)
+PROXY_METRICS = {"proxy_fd": "lower", "class_acc": "higher", "heldout_loss": "lower", "label_acc": "higher",
+                 "proxy_kid": "lower", "proxy_intra_fd": "lower", "proxy_precision": "higher", "proxy_recall": "higher"}
+DIGITS = {"proxy_fd": 3, "class_acc": 3, "heldout_loss": 5, "label_acc": 4, "proxy_kid": 1, "proxy_intra_fd": 2,
+          "proxy_precision": 3, "proxy_recall": 3}
 
 
 class ReportError(Exception):
@@ -422,7 +425,9 @@ def smooth(values: list[float], window: int = 5) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class_acc", "heldout_loss", "label_acc")) -> list[str]:
+def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class_acc", "heldout_loss", "label_acc",
+                                                      "proxy_kid", "proxy_intra_fd", "proxy_precision",
+                                                      "proxy_recall")) -> list[str]:
     """The training loss (smoothed) and every evaluation metric against the step: one colour per method,
     each seed a thin line, their mean bold. Returns the panels drawn."""
     import matplotlib

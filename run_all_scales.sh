@@ -26,7 +26,7 @@
 # --slurm submits the runs instead (docs/slurm.md) and prints the job ids: per scale one `sbatch --array`
 # (--throttle N: at most N of its tasks at once) with that scale's GPU, CPUs, memory and time (the tiny scale
 # and --proxy: CPU only), then a job that writes the table when the arrays end (SWEEP/report.out, SWEEP being
-# OUT_DIR/slurm/DATE-PID) naming each failed run with its log. --slurm-args "..." go to every sbatch after
+# OUT_DIR/slurm/DATE-TIME-PID) naming each failed run with its log. --slurm-args "..." go to every sbatch after
 # ours (partition, account, QoS, constraint, or a resource to override). --wait: block until the jobs end,
 # then print the table and the failed runs as a local sweep does. --torchrun --gpus-per-node N [--nodes M]:
 # each run is one torchrun per node with N processes (GPUs; CPU processes at the tiny scale). Before its time

@@ -79,3 +79,13 @@ def test_the_panel_holds_every_metric_and_the_per_class_numbers():
     assert p["per_class"]["class_acc"] == [1.0, 1.0, 0.0] and len(p["per_class"]["intra_fd"]) == 3
     assert p["kid"] == evaluation.kid(ref, feats) and (p["precision"], p["recall"]) == evaluation.precision_recall(ref, feats)
     assert torch.get_default_dtype() == torch.float32  # nothing global changed
+
+
+def test_too_few_samples_give_none_not_an_error():
+    """The harness allows 2 samples per evaluation: the panel then says what it cannot compute."""
+    rng = np.random.default_rng(5)
+    ref, ref_labels = rng.normal(size=(40, 4)), np.arange(40) % 2
+    p = evaluation.panel(rng.normal(size=(3, 4)), np.array([0, 0, 1]), ref, ref_labels, num_classes=2)
+    assert p["precision"] is None and p["recall"] is None  # 3 samples: no 3rd neighbour besides the point
+    assert p["intra_fd"] is None and p["per_class"]["intra_fd"][1] is None and p["per_class"]["intra_fd"][0] > 0
+    assert np.isfinite(p["kid"])

@@ -233,6 +233,8 @@ def test_run_all_scales_proxy_mode(tmp_path, metrics):
         "digits-tiny-concat-film-s42", "digits-tiny-concat-film-s43"]
     table = (tmp_path / "proxy/comparison.md").read_text()
     assert "| concat-film | 2 |" in table and "heldout_loss ↓" in table and "label_acc ↑" in table
+    assert all(f"{m} {arrow} (mean ± std)" in table for m, arrow in (("proxy_kid", "↓"), ("proxy_intra_fd", "↓"),
+                                                                     ("proxy_precision", "↑"), ("proxy_recall", "↑")))
     bad = subprocess.run(["bash", str(ROOT / "run_all_scales.sh"), "--seeds", "zero"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds needs a positive integer" in bad.stderr
 
