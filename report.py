@@ -536,8 +536,9 @@ def with_rescored(runs: list[dict], num_samples: int) -> list[dict]:
         path = Path(r["run_dir"]) / f"rescore-{num_samples}.json"
         if path.exists():
             scores = json.loads(path.read_text())
-            rescored.append(dict(r, **{k: scores[k] for k in ("proxy_fd", "class_acc", "proxy_samples", "heldout_loss",
-                                                            "label_acc") if k in scores}))
+            kept = {k: v for k, v in r.items() if k not in (*PROXY_METRICS, "proxy_samples", "per_class")}
+            rescored.append(dict(kept, **{k: scores[k] for k in (*PROXY_METRICS, "proxy_samples", "per_class")
+                                          if k in scores}))  # (only rescored numbers: no mix of sample counts)
     return rescored
 
 

@@ -112,6 +112,9 @@ def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
     assert results["grid"] == "grid_final.png" and (run_dir / "grid_final.png").exists()
 
 
+PANEL = ("proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall")
+
+
 def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_path, monkeypatch, metrics):
     cached = type("Cached", (custom_train.DigitsProxy,), {
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)})
@@ -130,9 +133,12 @@ def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_
         device=torch.device("cpu")), labels)
     assert by_hand("final")["class_acc"] == own["class_acc"]  # these are the weights the run scored
     assert by_hand("final")["proxy_fd"] == pytest.approx(own["proxy_fd"], rel=1e-9)
+    final = by_hand("final")  # and the panel from the same features
+    assert [final[k] for k in PANEL] == [own[k] for k in PANEL] and final["per_class"] == own["per_class"]
     record = report.rescore(run_dir, 20, tmp_path / "unused-cache")
     expected = by_hand("rescore20")
     assert record["proxy_fd"] == pytest.approx(expected["proxy_fd"], rel=1e-9)
+    assert [record[k] for k in PANEL] == [expected[k] for k in PANEL] and record["per_class"] == expected["per_class"]
     assert record["class_acc"] == expected["class_acc"] and record["proxy_samples"] == 20
     assert record["heldout_loss"] == own["heldout_loss"] and record["label_acc"] == own["label_acc"]  # same draws
     assert record["weights"] == "ema" and record["step"] == 3 and record["method"] == "concat-film"
