@@ -530,6 +530,14 @@ def load_dataset(args, split: str = "train") -> tuple[np.ndarray, np.ndarray, li
 IMAGE_SIZE = {"cifar10": 32, "digits": proxy.DIGITS_SIZE}
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto the device without making the host wait: pinned, then an asynchronous copy (a
+    plain copy from pageable memory waits until the GPU has finished everything queued before it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any tuple of values, stable across runs, processes and machines."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
@@ -621,14 +629,6 @@ def ddim_scheduler(num_steps: int):
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the protocol: scale to [0, 255], clamp, truncate."""
     return ((x.float() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
-
-
-def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor onto the device without making the host wait: pinned, then an asynchronous copy (a
-    plain copy from pageable memory waits until the GPU has finished everything queued before it)."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
