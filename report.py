@@ -343,8 +343,9 @@ def rank_analysis(runs: list[dict], order: list[str], published: list[float] | N
     FIDs if known). Per metric: Spearman's rank correlation between the metric's means and the published
     values (+1: the same order); every pair's paired-by-seed difference (the published better minus the
     worse) and interval, marked "resolved" when the published values differ by more than their own noise;
-    the verdict: "validates" (rho > 0, no resolved pair contradicted beyond noise), "contradicts" (some
-    resolved pair reversed beyond noise) or "no evidence"; and the metric's noise: the paired sd between
+    the verdict: "validates" (rho > 0, at least one resolved pair agreeing beyond noise and none contradicted
+    beyond noise; a metric that resolves nothing is silent, not in agreement), "contradicts" (some resolved
+    pair reversed beyond noise) or "no evidence"; and the metric's noise: the paired sd between
     methods (mean over pairs), the sd between seeds of one method (mean over methods), and the paired
     seeds it would take to resolve a 3% difference."""
     from scipy import stats
@@ -377,7 +378,8 @@ def rank_analysis(runs: list[dict], order: list[str], published: list[float] | N
                         "agrees, beyond noise" if agree else "contradicts, beyond noise")
                 pairs.append(pair)
         contradicted = [p for p in pairs if p["resolved"] and p.get("verdict") == "contradicts, beyond noise"]
-        verdict = "contradicts" if contradicted else ("validates" if rho > 0 else "no evidence")
+        agreeing = [p for p in pairs if p["resolved"] and p.get("verdict") == "agrees, beyond noise"]
+        verdict = "contradicts" if contradicted else ("validates" if rho > 0 and agreeing else "no evidence")
         spread = [statistics.stdev(values[m].values()) for m in order if len(values[m]) > 1]
         seed_sd = statistics.fmean(spread) if spread else math.nan
         finite = [x for x in paired_sds if not math.isnan(x)]
@@ -414,8 +416,8 @@ def rank_markdown(analysis: dict, order: list[str], published: list[float] | Non
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Each pair: the paired-by-seed difference, published better minus worse, with its 95% interval; "
               "\"agrees\" when the metric puts the published better one ahead beyond noise. A pair is resolved when "
-              "the published values differ by more than their noise. Verdict: validates (Spearman > 0, no resolved "
-              "pair contradicted beyond noise), contradicts (some resolved pair reversed beyond noise), or no "
+              "the published values differ by more than their noise. Verdict: validates (Spearman > 0, at least one "
+              "resolved pair agreeing beyond noise and none contradicted), contradicts (some resolved pair reversed beyond noise), or no "
               "evidence. 3%: of the metric's mean level over these methods; noise sds: paired over all pairs, between "
               "seeds within each method."]
     return "\n".join(lines) + "\n"

@@ -235,8 +235,9 @@ def test_proxy_tables_keep_one_recipe_and_say_when_there_is_no_interval(tmp_path
 
 def test_rank_reproduces_a_published_order_and_says_what_it_cannot_resolve(tmp_path):
     """Five methods, five seeds: metric A follows the published order with a steady gap (validates); metric B
-    reverses a resolved pair beyond noise (contradicts). Spearman, the pair verdicts and the noise numbers
-    against a hand computation."""
+    reverses a resolved pair beyond noise (contradicts); metric C follows the order in mean but resolves no
+    pair (no evidence: silence is not agreement). Spearman, the pair verdicts and the noise numbers against
+    a hand computation."""
     from scipy import stats
 
     order, published = ["m1", "m2", "m3", "m4", "m5"], [18.0, 18.05, 19.0, 19.5, 20.0]  # m1/m2 unresolved (0.05)
@@ -245,11 +246,14 @@ def test_rank_reproduces_a_published_order_and_says_what_it_cannot_resolve(tmp_p
         for s in range(5):
             a = 1.0 + 0.1 * i + 0.01 * luck[s] + 0.001 * ((i * 7 + s * 3) % 5)  # lower is better, follows the order
             b = 0.9 - 0.05 * abs(i - 2) + 0.001 * s                          # higher is better, peaks at m3
-            fake(tmp_path, f"{method}-s{s}", method=method, seed=s, heldout_loss=a, label_acc=b)
+            c = 0.5 + 0.001 * i + 0.05 * ((i + s) % 5)                         # lower is better, in mean only
+            fake(tmp_path, f"{method}-s{s}", method=method, seed=s, heldout_loss=a, label_acc=b, proxy_fd=c)
     runs = report.collect(tmp_path)
     out = report.rank_analysis(runs, order, published, published_noise=0.35,
-                               metrics={"heldout_loss": "lower", "label_acc": "higher"})
-    a, b = out["heldout_loss"], out["label_acc"]
+                               metrics={"heldout_loss": "lower", "label_acc": "higher", "proxy_fd": "lower"})
+    a, b, c = out["heldout_loss"], out["label_acc"], out["proxy_fd"]
+    assert c["spearman"] > 0 and all(p["verdict"] == "within noise" for p in c["pairs"])
+    assert c["verdict"] == "no evidence"
     assert a["spearman"] == pytest.approx(1.0) and a["verdict"] == "validates"
     assert all(p["verdict"] == "agrees, beyond noise" for p in a["pairs"])
     assert [p["resolved"] for p in a["pairs"]][:1] == [False] and sum(p["resolved"] for p in a["pairs"]) == 9
