@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import custom_train as ct
+import evaluation
 
 # Dense bf16/fp16 tensor-core peak by device name (datasheet values), for MFU; None elsewhere.
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -233,11 +234,11 @@ def time_resize(n: int, device) -> tuple[float, float]:
         pil(img)
     pil_ms = (time.perf_counter() - start) * 1000 / n * 1000
     on_device = images.to(device)
-    ct.clean_resize_torch(on_device[:2])
+    evaluation.clean_resize_torch(on_device[:2])
     sync(device)
     start = time.perf_counter()
     for i in range(0, n, 250):
-        ct.clean_resize_torch(on_device[i:i + 250])
+        evaluation.clean_resize_torch(on_device[i:i + 250])
     sync(device)
     ours_ms = (time.perf_counter() - start) * 1000 / n * 1000
     return pil_ms, ours_ms

@@ -48,6 +48,7 @@ from torch import nn
 from tqdm import tqdm
 
 import conditioning
+import evaluation
 import proxy
 
 ROOT = Path(__file__).resolve().parent
@@ -113,6 +114,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
                                kw=flag(action="store_true")),
         "dry_run": Option(False, "print the resolved options, the protocol deviations, the parameter count and what "
                           "would happen to the run directory, then exit", kw=flag(action="store_true")),
+        "evaluate": Option(None, "score a finished run again without training: sample RUN_DIR's checkpoint (EMA or "
+                           "raw, as the protocol names for its step) with the run's own options, overridden by the "
+                           "evaluation options given (e.g. --final-fid-samples), and write RUN_DIR/evaluation-DATE.json "
+                           "(never overwriting; with the same samples and seeds, the run's own final numbers); "
+                           "torchrun spreads the sampling", kw=flag(type=Path, metavar="RUN_DIR")),
         "ignore_budget": Option(False, "train a method over the parameter budget anyway (marked in the results)",
                                 protocol=SAME, kw=flag(action="store_true")),
     },
@@ -193,7 +199,13 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "fid_resize": Option("pil", "pil: clean-fid's own per-image PIL resize (the protocol); torch: the same bicubic "
                              "as matrix products on the device, in batches (within 1e-3 of PIL, much faster on a "
                              "GPU; a protocol deviation)", "eval", SAME, kw=flag(choices=["pil", "torch"])),
-        "prefetch": Option(False, "download CIFAR-10 into --data-dir and the FID assets into --fid-cache, then exit",
+        "panel": Option(True, "on CIFAR-10, the class-conditional panel from the FID's own features: KID, intra-FID, "
+                        "precision and recall (k = 3) against the train set, class accuracy of samples by a ResNet-9 "
+                        "trained once; its assets are made once into --fid-cache (else --cache-dir), by --prefetch "
+                        "too (digits runs always have their proxy's panel); --no-panel: FID alone", "eval",
+                        legacy=False, kw=flag(action=argparse.BooleanOptionalAction)),
+        "prefetch": Option(False, "download CIFAR-10 into --data-dir and the FID assets into --fid-cache, make the "
+                           "panel's assets there (on --device; minutes on a GPU, unless --no-panel), then exit",
                            kw=flag(action="store_true")),
         "ddim_steps": Option(50, "DDIM sampling steps", "eval", SAME, kw=flag(type=int)),
         "sample_batch_size": Option(500, "images per sampling batch (each batch has its own noise seed)", "eval",
@@ -469,21 +481,11 @@ def download_cifar10(data_dir: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def download_lock(what: str):
-    """Hold an exclusive lock on this machine while fetching `what`: parallel runs
-    (run_all_scales.sh --gpus) and torchrun ranks that all find an asset missing download it once;
-    the others wait, then find it in place."""
-    with open(Path(tempfile.gettempdir()) / f"class-cond-ddpm-{what}-{os.getuid()}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def load_cifar10(data_dir: Path, split: str = "train") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """uint8 images [N, 3, 32, 32], int64 labels [N], class names, for split 'train' (data_batch_1..5) or
     'test' (test_batch). Downloads only if the folder is missing."""
     folder = Path(data_dir) / CIFAR10_FOLDER
-    with download_lock("cifar10"):
+    with evaluation.machine_lock("cifar10"):
         if not folder.is_dir():
             download_cifar10(Path(data_dir))
 
@@ -681,37 +683,20 @@ def random_labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
 # Evaluation: clean-fid's FID, the digits proxy, the held-out metrics, sample grids.
 # --------------------------------------------------------------------------------------------
 
-INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's torchscript Inception
-FID_STATS_FILE = "cifar10_clean_train_32.npz"  # clean-fid's CIFAR-10 train statistics, "clean" mode, 32x32
-# exactly the URL clean-fid's get_reference_statistics requests (its base URL ends in "/" and it adds another)
-FID_STATS_URL = "https://www.cs.cmu.edu/~clean-fid/stats//" + FID_STATS_FILE
+# clean-fid's FID and the CIFAR-10 panel live in evaluation.py; --prefetch gathers their assets.
 
-
-def load_fid_extractor(device, fid_cache: Path | None = None):
-    """clean-fid's Inception: from --fid-cache if given (never the network), else clean-fid's own
-    download-on-first-use."""
-    if fid_cache is None:
-        from cleanfid.features import build_feature_extractor
-
-        return build_feature_extractor("clean", device=device, use_dataparallel=False)
-    from cleanfid.inception_torchscript import InceptionV3W
-
-    return InceptionV3W(str(fid_cache), download=False).to(device).eval()
-
-
-def missing_fid_assets(fid_cache: Path) -> list[Path]:
-    return [Path(fid_cache) / name for name in (INCEPTION_FILE, FID_STATS_FILE) if not (Path(fid_cache) / name).is_file()]
-
-
-def prefetch(data_dir: Path, fid_cache: Path) -> None:
+def prefetch(data_dir: Path, fid_cache: Path, device, panel: bool = True) -> None:
     """Download everything a run needs (CIFAR-10, the Inception weights, the reference statistics),
-    for machines that have internet; runs elsewhere then use --data-dir and --fid-cache."""
+    for machines that have internet; runs elsewhere then use --data-dir and --fid-cache. Then, unless
+    panel is False, make the panel's assets into the same folder on `device` (the train set's features
+    and per-class statistics, the classifier: minutes on a GPU, made once)."""
     from cleanfid.downloads_helper import check_download_inception, check_download_url
 
     load_cifar10(data_dir)
     fid_cache.mkdir(parents=True, exist_ok=True)
-    for name, fetch in ((INCEPTION_FILE, lambda d: check_download_inception(fpath=str(d))),
-                        (FID_STATS_FILE, lambda d: check_download_url(local_folder=str(d), url=FID_STATS_URL))):
+    for name, fetch in ((evaluation.INCEPTION_FILE, lambda d: check_download_inception(fpath=str(d))),
+                        (evaluation.FID_STATS_FILE, lambda d: check_download_url(local_folder=str(d),
+                                                                                 url=evaluation.FID_STATS_URL))):
         if (fid_cache / name).is_file():
             continue
         partial = fid_cache / f".partial-{os.getpid()}"  # clean-fid writes in place: download aside, then rename
@@ -725,127 +710,29 @@ def prefetch(data_dir: Path, fid_cache: Path) -> None:
             for leftover in partial.iterdir():
                 leftover.unlink()
             partial.rmdir()
-    print(f"ready: {Path(data_dir) / CIFAR10_FOLDER}, {fid_cache / INCEPTION_FILE}, {fid_cache / FID_STATS_FILE}")
+    ready = [Path(data_dir) / CIFAR10_FOLDER, fid_cache / evaluation.INCEPTION_FILE, fid_cache / evaluation.FID_STATS_FILE]
+    if panel:
+        scorer = evaluation.CleanFID(torch.device(device), fid_cache, panel=panel_data(data_dir, fid_cache))
+        ready += [fid_cache / evaluation.REFERENCE_FILE, f"{fid_cache / evaluation.CLASSIFIER_FILE} (test accuracy "
+                                                         f"{scorer.classifier_accuracy:.4f})"]
+    print("ready: " + ", ".join(map(str, ready)))
 
 
-def pil_bicubic_weights(in_size: int, out_size: int) -> np.ndarray:
-    """[out, in] interpolation matrix of PIL's bicubic resize (Resample.c: precompute_coeffs with the
-    a = -0.5 cubic, support widened by the scale when downsampling, each row normalised to sum 1)."""
-    def cubic(x, a=-0.5):
-        x = abs(x)
-        if x < 1:
-            return ((a + 2) * x - (a + 3)) * x * x + 1
-        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
-
-    scale = in_size / out_size
-    filter_scale = max(scale, 1.0)
-    support = 2.0 * filter_scale
-    weights = np.zeros((out_size, in_size))
-    for out in range(out_size):
-        center = (out + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        row = np.array([cubic((i - center + 0.5) / filter_scale) for i in range(lo, hi)])
-        weights[out, lo:hi] = row / row.sum() if row.sum() != 0 else row
-    return weights
-
-
-def clean_resize_torch(images: torch.Tensor, size: int = 299) -> torch.Tensor:
-    """clean-fid's "clean" resize (PIL bicubic on float32 images, then clip to [0, 255]) as two matrix
-    products on the images' device: uint8 [N, 3, h, w] -> float32 [N, 3, size, size].
-
-    Like PIL: horizontal pass first, float64 accumulation, the intermediate image stored as float32."""
-    n, c, h, w = images.shape
-    wh = torch.from_numpy(pil_bicubic_weights(w, size)).to(images.device)
-    wv = torch.from_numpy(pil_bicubic_weights(h, size)).to(images.device)
-    x = images.double()
-    x = torch.einsum("nchw,ow->ncho", x, wh).float().double()  # horizontal, stored as float32 like PIL's 'F'
-    x = torch.einsum("ncho,ph->ncpo", x, wv).float()
-    return x.clamp(0, 255)
-
-
-@contextlib.contextmanager
-def true_fp32():
-    """fp32 matmuls and convolutions in IEEE fp32 on CUDA (no TF32), as clean-fid's reference statistics
-    were computed, whatever --tf32 set for training."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
-
-
-class CleanFID:
-    """FID exactly as clean-fid computes it for a generator: its "clean" resize (PIL bicubic on float
-    images), its Inception features (in true fp32), its Frechet distance, against its CIFAR-10 train
-    statistics at 32.
-
-    resize="torch" replaces clean-fid's per-image PIL resize by clean_resize_torch (equal within 1e-3,
-    tested) on the device: an option, listed as a protocol deviation. Built before training, so that a
-    missing download fails in the first second, not after 35k steps."""
-
-    def __init__(self, device, fid_cache: Path | None = None, resize: str = "pil"):
-        from cleanfid.features import get_reference_statistics
-
-        self.device, self.resize = device, resize
-        if fid_cache is not None:
-            missing = missing_fid_assets(fid_cache)
-            if missing:
-                raise HarnessError(f"--fid-cache {fid_cache} lacks {', '.join(str(m) for m in missing)}; on a machine "
-                                   f"with internet run `python custom_train.py --prefetch --fid-cache {fid_cache}` and "
-                                   f"copy the folder here")
-            stats = np.load(Path(fid_cache) / FID_STATS_FILE)
-            self.ref_mu, self.ref_sigma = stats["mu"], stats["sigma"]
-            self.extractor = load_fid_extractor(device, fid_cache)
-            return
-        try:
-            with download_lock("clean-fid"):  # clean-fid writes its downloads in place: one process at a time
-                self.ref_mu, self.ref_sigma = get_reference_statistics("cifar10", 32, mode="clean", split="train")
-                self.extractor = load_fid_extractor(device)
-        except (OSError, urllib.error.URLError) as e:
-            raise HarnessError(f"clean-fid could not fetch its Inception weights or the CIFAR-10 reference statistics "
-                               f"({type(e).__name__}: {e}); run `python custom_train.py --prefetch --fid-cache DIR` "
-                               f"on a machine with internet and pass --fid-cache DIR, or pass --fid off") from e
-
-    primary = "fid"
-
-    @staticmethod
-    def labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
-        return random_labels(n, batch_size, seed, tag)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 250) -> dict:
-        """images: uint8 [N, 3, 32, 32] (labels are not used by FID)."""
-        from cleanfid.fid import frechet_distance, get_model_features
-
-        n = len(images)
-        with true_fp32():
-            if self.resize == "torch":
-                with torch.no_grad():
-                    feats = np.concatenate([
-                        self.extractor(clean_resize_torch(images[i:i + batch_size].to(self.device))).cpu().numpy()
-                        for i in tqdm(range(0, n, batch_size), desc="FID features", leave=False)])
-            else:
-                def serve(z):  # clean-fid's generator hook: its batch index -> our already sampled images
-                    i = serve.calls * batch_size
-                    serve.calls += 1
-                    return images[torch.arange(i, i + batch_size) % n]  # the last batch wraps; clean-fid drops the extra
-                serve.calls = 0
-                feats = get_model_features(serve, self.extractor, mode="clean", num_gen=n, batch_size=batch_size,
-                                           device=self.device, z_dim=1, desc="FID features")
-        mu, sigma = np.mean(feats, axis=0), np.cov(feats, rowvar=False)
-        return dict(fid=float(frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)), fid_samples=n)
+def panel_data(data_dir: Path, folder: Path) -> tuple:
+    """What the CIFAR-10 panel is made from: its assets' folder, the train and the test set."""
+    return Path(folder), load_cifar10(Path(data_dir), "train")[:2], load_cifar10(Path(data_dir), "test")[:2]
 
 
 class DigitsProxy(proxy.ProxyMetrics):
-    """proxy_fd and class_acc (proxy.py) on class-balanced samples."""
+    """proxy_fd, class_acc and the panel (proxy.py) on class-balanced samples."""
 
     primary = "proxy_fd"
 
-    @staticmethod
-    def labels(n: int, batch_size: int, seed: int, tag: str) -> torch.Tensor:
-        return proxy.balanced_labels(n)
+
+def sample_labels(args, n: int, tag: str) -> torch.Tensor:
+    """The conditioning labels of an evaluation's samples: uniform random on CIFAR-10 (the protocol),
+    class-balanced on the digits."""
+    return proxy.balanced_labels(n) if args.dataset == "digits" else random_labels(n, args.sample_batch_size, args.seed, tag)
 
 
 class HeldOutMetrics:
@@ -1071,10 +958,9 @@ def plan_run(args, config: dict, run_dir: Path) -> tuple[str, dict | None]:
 # Command line: built from OPTIONS; defaults that depend on other options are filled, then checked.
 # --------------------------------------------------------------------------------------------
 
-def parse_args(argv=None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=list(PRESETS), default=None)
-    preset = pre.parse_known_args(argv)[0].preset
+def build_parser(preset: str | None, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command line from OPTIONS (and a preset's defaults); with suppress_defaults, a parse yields only
+    the options given on the command line."""
     p = argparse.ArgumentParser(
         description="Train and evaluate a class-conditional DDPM (diffusers UNet2DModel) on CIFAR-10 with a chosen "
                     "class-conditioning method. The defaults are the published protocol (docs/protocol.md).",
@@ -1088,10 +974,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         for name, o in options.items():
             kw = dict(o.kw)
             flags = kw.pop("flags", (f"--{name.replace('_', '-')}",))
-            group.add_argument(*flags, dest=name, default=o.default, help=o.help, **kw)
-    if preset:
+            group.add_argument(*flags, dest=name, default=argparse.SUPPRESS if suppress_defaults else o.default,
+                               help=o.help, **kw)
+    if preset and not suppress_defaults:
         p.set_defaults(**PRESETS[preset])
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=list(PRESETS), default=None)
+    preset = pre.parse_known_args(argv)[0].preset
+    args = build_parser(preset).parse_args(argv)
+    args.given = set(vars(build_parser(None, suppress_defaults=True).parse_args(argv))) - {"preset"}
     args.image_size = IMAGE_SIZE[args.dataset]
     return args
 
@@ -1181,7 +1076,7 @@ def run_config(args, world: int, count_parameters: bool = True) -> dict:
     parameter count builds the model (on the meta device, but importing diffusers takes seconds), so a
     finished run that is only looked up can go without it."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-              if k not in ("list_methods", "count_params", "dry_run", "resume", "overwrite", "prefetch")}
+              if k not in ("list_methods", "count_params", "dry_run", "resume", "overwrite", "prefetch", "evaluate", "given")}
     config.update(method_source=method_code(args.method), method_file=str(Path(args.method).resolve())
                   if is_method_file(args.method) else None, protocol_deviations=protocol_deviations(args),
                   speed_options=speed_options(args), world_size=world, **git_state())
@@ -1365,7 +1260,7 @@ class Run:
         return self.rank == 0
 
     def log(self, record: dict) -> None:
-        if self.is_main:
+        if self.is_main and self.log_file is not None:
             self.log_file.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
             self.log_file.flush()
 
@@ -1379,26 +1274,29 @@ class Run:
             dist.barrier()
 
 
-def evaluate(run: Run, tag: str, num_samples: int) -> dict:
+def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> dict:
     """Sample and score the weights the protocol names for this step: the raw network before
-    --ema-eval-start, the EMA from it on. Always a grid; FID (or the proxy) when on; the held-out
-    metrics when on. Logged, and returned."""
+    --ema-eval-start, the EMA from it on. Always a grid; FID (or the proxy) with the panel when on; the
+    held-out metrics when on. Logged (when the run has a log), and returned. The samples' noise and
+    labels come from (seed, tag): an evaluation tagged "final" again sees the same samples. `files`:
+    the name prefix of its grid and samples (rescoring), instead of grid_TAG.png and samples.npz."""
     args = run.args
+    grid_file, samples_file = (f"grid_{tag}.png", "samples.npz") if files is None else \
+        (f"{files}-grid.png", f"{files}-samples.npz")
     net = run.ema.module if run.step >= args.ema_eval_start else run.model
     kw = dict(seed=args.seed, batch_size=args.sample_batch_size, ddim_steps=args.ddim_steps, image_size=args.image_size,
               amp_dtype=run.amp_dtype, device=run.device, rank=run.rank, world=run.world)
     grid = sample(net, torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class), tag="grid", desc="grid", **kw)
-    record = dict(step=run.step, eval=tag, weights="ema" if net is run.ema.module else "raw", grid=f"grid_{tag}.png")
+    record = dict(step=run.step, eval=tag, weights="ema" if net is run.ema.module else "raw", grid=grid_file)
     if run.is_main:
         save_grid(grid, run.class_names, args.grid_per_class, run.run_dir / record["grid"])
     if args.fid != "off" and num_samples > 0:
-        labeller = CleanFID if args.fid == "clean" else DigitsProxy
-        labels = labeller.labels(num_samples, args.sample_batch_size, args.seed, tag)
+        labels = sample_labels(args, num_samples, tag)
         images = sample(net, labels, tag=tag, desc=f"sampling {num_samples}", **kw)
         if run.is_main:
             record.update(run.scorer(images, labels))
             if args.save_samples and tag == "final":
-                atomic_write(run.run_dir / "samples.npz", lambda f: np.savez_compressed(
+                atomic_write(run.run_dir / samples_file, lambda f: np.savez_compressed(
                     f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
     if run.heldout is not None and run.is_main:
         record.update(run.heldout(net, run.amp_dtype))
@@ -1436,8 +1334,9 @@ def assemble_results(run: Run, final: dict) -> dict:
 
 def print_results(results: dict, run_dir: Path) -> None:
     print(f"\n{run_dir}")
-    for key in ("best_fid", "best_fid_step", "fid", "proxy_fd", "class_acc", "proxy_kid", "proxy_intra_fd",
-                "proxy_precision", "proxy_recall", "heldout_loss", "label_acc", "params", "steps", "images_per_s"):
+    for key in ("best_fid", "best_fid_step", "fid", "kid", "intra_fid", "precision", "recall", "proxy_fd", "class_acc",
+                "proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall", "heldout_loss", "label_acc", "params",
+                "steps", "images_per_s"):
         value = results.get(key)
         if value is not None:
             print(f"  {key:<15} {value:,.4f}" if isinstance(value, float) else f"  {key:<15} {value:,}")
@@ -1513,9 +1412,12 @@ def build_run(args, rank: int, world: int, config: dict, run_dir: Path, data=Non
                               world, ddpm_scheduler())
     if run.is_main and args.fid != "off":  # rank 0 scores the gathered samples
         try:
-            run.scorer = CleanFID(device, args.fid_cache, args.fid_resize) if args.fid == "clean" else \
-                DigitsProxy(args.cache_dir, device)
-        except proxy.ProxyError as e:
+            if args.fid == "clean":  # the panel's assets live beside the FID's (--fid-cache), else in --cache-dir
+                panel = panel_data(args.data_dir, args.fid_cache or args.cache_dir) if args.panel else None
+                run.scorer = evaluation.CleanFID(device, args.fid_cache, args.fid_resize, panel)
+            else:
+                run.scorer = DigitsProxy(args.cache_dir, device)
+        except (proxy.ProxyError, evaluation.AssetError) as e:
             raise HarnessError(str(e)) from e
     if run.is_main and args.heldout_draws:
         held_images, held_labels, _ = load_dataset(args, "held-out")
@@ -1664,10 +1566,85 @@ def train(args, rank: int, world: int) -> dict | None:
     if not run.is_main:
         return None
     results = assemble_results(run, final)
+    if results.get("per_class"):
+        evaluation.write_per_class(results["per_class"], run.class_names, run_dir / "per_class.csv",
+                                   run_dir / "per_class.png", f"{run_dir.name}, step {run.step}")
     write_json(run_dir / "results.json", results)
     run.log_file.close()
     print_results(results, run_dir)
     return results
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring a finished run again (--evaluate): its checkpoint, its options, a new dated file.
+# --------------------------------------------------------------------------------------------
+
+# what --evaluate may change; every other option is the run's own (config.json)
+EVALUATE_OPTIONS = ("final_fid_samples", "sample_batch_size", "ddim_steps", "fid", "fid_resize", "fid_cache", "panel",
+                    "data_dir", "cache_dir", "device", "precision", "tf32", "deterministic", "heldout_draws",
+                    "label_draws", "metric_seed", "grid_per_class", "save_samples")
+
+
+def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
+    """The options of an --evaluate: the run's recorded ones (an option newer than the run: the value runs
+    made before it used), then the evaluation options given on the command line. Refused in one line when
+    RUN_DIR holds no checkpoint, or when a training option is given."""
+    run_dir = Path(args.evaluate)
+    missing = [name for name in ("config.json", "checkpoint.pt") if not (run_dir / name).is_file()]
+    if missing:
+        raise HarnessError(f"--evaluate {run_dir}: not a run directory with its checkpoint (no {' or '.join(missing)})")
+    refused = sorted(args.given - set(EVALUATE_OPTIONS) - {"evaluate"})
+    if refused:
+        raise HarnessError(f"--evaluate uses the run's own training options (from {run_dir / 'config.json'}); "
+                           f"{', '.join('--' + n.replace('_', '-') for n in refused)} cannot be changed (it may change: "
+                           f"{', '.join('--' + n.replace('_', '-') for n in EVALUATE_OPTIONS)})")
+    recorded = json.loads((run_dir / "config.json").read_text())
+    for name, o in ALL_OPTIONS.items():
+        if name in args.given or name in ("evaluate", "dry_run"):
+            continue
+        value = recorded.get(name, o.default if o.legacy is NO_LEGACY else o.legacy)
+        setattr(args, name, Path(value) if o.kw.get("type") is Path and value is not None else value)
+    if "device" not in args.given:
+        args.device = None  # this machine's default, not the recorded one
+    args.compile, args.adam = "off", "auto"  # nothing is trained
+    args.image_size = recorded.get("image_size", IMAGE_SIZE[args.dataset])
+    return args, recorded
+
+
+def rescore(args, recorded: dict, rank: int, world: int) -> dict | None:
+    """Sample and score RUN_DIR's checkpoint as its final evaluation would ("final" noise and labels), into
+    RUN_DIR/evaluation-DATE.json (+ -grid.png, and the per-class CSV and plot where the panel is on)."""
+    run_dir = Path(args.evaluate)
+    if recorded.get("method_sha256") != args.method_sha256:
+        raise HarnessError(f"{run_dir} was made by other code for method '{args.method}' (sha256 "
+                           f"{(recorded.get('method_sha256') or 'unrecorded')[:8]}, now {args.method_sha256[:8]}): its "
+                           f"weights belong to that code; restore it (config.json holds its method_source) to score it")
+    config = run_config(args, world)
+    run, _ = build_run(args, rank, world, config, run_dir)
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    run.model.load_state_dict(saved["model"])
+    run.ema.module.load_state_dict(saved["ema"])
+    run.step = saved["step"]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = next(f"evaluation-{stamp}" + (f"-{i}" if i else "") for i in range(1000)
+                if not (run_dir / f"evaluation-{stamp}{f'-{i}' if i else ''}.json").exists())
+    record = evaluate(run, "final", args.final_fid_samples, files=name)
+    if not run.is_main:
+        return None
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in EVALUATE_OPTIONS}
+    result = dict(run_dir=str(run_dir), method=args.method, scale=args.scale, dataset=args.dataset, seed=args.seed,
+                  **{k: v for k, v in record.items() if k != "eval"}, made_at=stamp, options=options,
+                  device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else cpu_name(),
+                  cpu_threads=torch.get_num_threads(), world_size=world, git_commit=config["git_commit"],
+                  git_dirty=config["git_dirty"], versions=dict(torch=torch.__version__, diffusers=version("diffusers"),
+                                                               clean_fid=version("clean-fid")))
+    if result.get("per_class"):
+        evaluation.write_per_class(result["per_class"], run.class_names, run_dir / f"{name}-per_class.csv",
+                                   run_dir / f"{name}-per_class.png", f"{run_dir.name}, step {run.step}")
+    write_json(run_dir / f"{name}.json", result)
+    print_results(result, run_dir)
+    print(f"  {'written':<15} {run_dir / (name + '.json')}")
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -1706,15 +1683,22 @@ def main(argv=None) -> dict | None:
     if args.prefetch:
         if args.fid_cache is None:
             raise HarnessError("--prefetch needs --fid-cache DIR: the folder that runs will be given")
-        prefetch(Path(args.data_dir), args.fid_cache)
+        try:
+            prefetch(Path(args.data_dir), args.fid_cache, args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                     args.panel)
+        except evaluation.AssetError as e:
+            raise HarnessError(str(e)) from e
         return None
+    recorded = None
+    if args.evaluate is not None:
+        args, recorded = evaluation_args(args)
     resolve_defaults(args)
     if args.dry_run:
         return dry_run(args, run_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
                        Path(args.out_dir) / args.run_name)
     rank, world = init_distributed(args)
     try:
-        result = train(args, rank, world)
+        result = train(args, rank, world) if recorded is None else rescore(args, recorded, rank, world)
     except Preempted:
         if world > 1:  # every rank stopped at the same log point, with the checkpoint written: leave together
             dist.barrier()

@@ -1,6 +1,8 @@
 """Tables and plots from finished runs: reads every RUN/results.json under --out-dir.
 
     python report.py scales --out-dir runs                  # best_fid per method x scale, the protocol's layout
+    python report.py scales --out-dir runs --metric kid     # ... or another final number (SCALE_METRICS)
+    python report.py scales --out-dir runs --panel --write runs/panel.md   # fid and the CIFAR panel, a table each
     python report.py proxy --out-dir runs/proxy             # digits proxy: mean ± std over seeds, vs the best baseline
     python report.py proxy --out-dir runs/proxy --seeds 42 43 44 45 46   # only these seeds
     python report.py rank --out-dir runs/proxy --methods gn-film-branch concat-film+cross-attn cross-attn \\
@@ -37,8 +39,14 @@ BASELINES = ("concat-film", "cross-attn", "adanorm")
 # (a table or plot shows the metrics its runs have: runs made before the panel existed lack its four)
 PROXY_METRICS = {"proxy_fd": "lower", "class_acc": "higher", "heldout_loss": "lower", "label_acc": "higher",
                  "proxy_kid": "lower", "proxy_intra_fd": "lower", "proxy_precision": "higher", "proxy_recall": "higher"}
+# the final numbers `scales` tabulates -> which direction is better: FID, then the CIFAR panel beside it
+# (runs made before the panel existed lack its keys; their cells are "-")
+SCALE_METRICS = {"best_fid": "lower", "fid": "lower", "kid": "lower", "intra_fid": "lower", "precision": "higher",
+                 "recall": "higher", "class_acc": "higher"}
+PANEL = ("fid", "kid", "intra_fid", "precision", "recall", "class_acc")  # `scales --panel`: a table each
 DIGITS = {"proxy_fd": 3, "class_acc": 3, "heldout_loss": 5, "label_acc": 4, "proxy_kid": 1, "proxy_intra_fd": 2,
-          "proxy_precision": 3, "proxy_recall": 3}
+          "proxy_precision": 3, "proxy_recall": 3, "best_fid": 2, "fid": 2, "kid": 4, "intra_fid": 2, "precision": 3,
+          "recall": 3}  # kid: clean-fid's raw kernel distance, ~0.001-0.05 on CIFAR
 
 
 class ReportError(Exception):
@@ -132,14 +140,17 @@ def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCAL
                  metric: str = "best_fid") -> str:
     """Markdown: one row per method (and code version), one column per scale; a cell is the mean ± std
     over seeds with n. A cell takes the runs that follow the protocol; only where none does, it shows
-    the deviating ones, marked *, and the deviations are listed below."""
+    the deviating ones, marked *, and the deviations are listed below. The heading says which direction
+    is better, except for FID's, which stays as tables written before the panel have it."""
     runs = label_versions(runs)
     rows = []
     for method in methods or sorted({r["method"] for r in runs}):
         labels = sorted({r["label"] for r in runs if r["method"] == method}) or [method]
         rows += labels
-    marks, notes = {}, []
-    lines = [f"| method ({metric}) | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
+    marks, notes, digits = {}, [], DIGITS.get(metric, 2)
+    caption = metric if metric in ("best_fid", "fid") or metric not in SCALE_METRICS else \
+        f"{metric}, {SCALE_METRICS[metric]} is better"
+    lines = [f"| method ({caption}) | " + " | ".join(scales) + " |", "|---" * (len(scales) + 1) + "|"]
     for label in rows:
         cells = []
         for scale in scales:
@@ -149,9 +160,9 @@ def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCAL
                 if len(conforming) < len(here):
                     notes.append(f"left out of {label} at {scale}: {len(here) - len(conforming)} run(s) that deviate "
                                  f"from the protocol")
-                cells.append(format_cell([r.get(metric) for r in conforming]))
+                cells.append(format_cell([r.get(metric) for r in conforming], digits))
                 continue
-            cell = format_cell([r.get(metric) for r in here])
+            cell = format_cell([r.get(metric) for r in here], digits)
             if cell != "-":  # a number from runs that deviate: marked, and the deviations listed below
                 for r in here:
                     marks.setdefault("; ".join(deviates(r)), len(marks) + 1)
@@ -164,6 +175,13 @@ def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCAL
     for note in notes:
         table += f"\n{note}"
     return table + ("\n" if marks or notes else "")
+
+
+def panel_tables(runs: list[dict], methods: list[str] | None = None, scales=SCALE_ORDER, metrics=PANEL) -> str:
+    """`scales --panel`: one table per metric, blank-line separated, for the metrics some run has (digits
+    runs or runs made before the panel have none of it); "" when no run has any."""
+    present = [m for m in metrics if any(r.get(m) is not None for r in runs)]
+    return "\n".join(scales_table(runs, methods, scales, m) for m in present)
 
 
 def welch_interval(a: list[float], b: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -427,9 +445,9 @@ def smooth(values: list[float], window: int = 5) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def curves_plot(runs: list[dict], path: Path, metrics=("fid", "proxy_fd", "class_acc", "heldout_loss", "label_acc",
-                                                      "proxy_kid", "proxy_intra_fd", "proxy_precision",
-                                                      "proxy_recall")) -> list[str]:
+def curves_plot(runs: list[dict], path: Path, metrics=("fid", "kid", "intra_fid", "precision", "recall", "proxy_fd",
+                                                      "class_acc", "heldout_loss", "label_acc", "proxy_kid",
+                                                      "proxy_intra_fd", "proxy_precision", "proxy_recall")) -> list[str]:
     """The training loss (smoothed) and every evaluation metric against the step: one colour per method,
     each seed a thin line, their mean bold. Returns the panels drawn."""
     import matplotlib
@@ -513,7 +531,7 @@ def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 
     net = custom_train.build_model(config["scale"], config["method"], config["image_size"])
     weights = "ema" if ckpt["step"] >= config["ema_eval_start"] else "model"  # what its final evaluation sampled
     net.load_state_dict(ckpt[weights])
-    labels = custom_train.DigitsProxy.labels(num_samples, batch_size, config["seed"], "rescore")
+    labels = proxy.balanced_labels(num_samples)
     images = custom_train.sample(net, labels, seed=config["seed"], tag=f"rescore{num_samples}", batch_size=batch_size,
                                  ddim_steps=config["ddim_steps"], image_size=config["image_size"],
                                  amp_dtype=None, device=torch.device("cpu"), desc=f"{run_dir.name}: {num_samples}")
@@ -567,11 +585,15 @@ def main(argv=None) -> None:
         s.add_argument("--current-code", action="store_true",
                        help="only runs made by today's code of their method (the others are counted)")
 
-    t = sub.add_parser("scales", help="best_fid (or --metric) per method and scale, as a markdown table")
+    t = sub.add_parser("scales", help="best_fid (or --metric, or --panel) per method and scale, as a markdown table")
     common(t, "runs")
     t.add_argument("--scales", nargs="*", default=list(SCALE_ORDER), help="columns, in this order")
-    t.add_argument("--metric", default="best_fid", choices=["best_fid", "fid"], help="the number in each cell")
-    t.add_argument("--write", default=None, help="also write the table to this file")
+    what = t.add_mutually_exclusive_group()
+    what.add_argument("--metric", default="best_fid", choices=list(SCALE_METRICS),
+                      help="the final number in each cell (runs without it: -)")
+    what.add_argument("--panel", action="store_true",
+                      help=f"a table per metric of {', '.join(PANEL)} that some run has, instead of one")
+    t.add_argument("--write", default=None, help="also write the table(s) to this file")
     c = sub.add_parser("proxy", help="digits proxy comparison over seeds: markdown, CSV and a plot")
     common(c, "runs/proxy")
     c.add_argument("--write-prefix", default=None,
@@ -611,7 +633,11 @@ def run_command(args) -> None:
         raise ReportError(f"no finished runs (*/results.json) under {args.out_dir}")
     runs, notes = select(runs, args)
     if args.command == "scales":
-        table = scales_table(runs, args.methods, args.scales, args.metric) + "".join(f"{n}\n" for n in notes)
+        table = panel_tables(runs, args.methods, args.scales) if args.panel else \
+            scales_table(runs, args.methods, args.scales, args.metric)
+        if not table:
+            raise ReportError(f"no run under {args.out_dir} has any of {', '.join(PANEL)}")
+        table += "".join(f"{n}\n" for n in notes)
         print(table, end="")
         if args.write:
             Path(args.write).write_text(table)

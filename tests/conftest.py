@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import custom_train  # noqa: E402
+import evaluation  # noqa: E402
 
 class Py2Pickler(pickle._Pickler):
     """Pickles bytes as Python 2 `str` (SHORT_BINSTRING/BINSTRING), as the real archive was written by
@@ -87,16 +88,27 @@ class StandInInception(torch.nn.Module):
         return torch.tanh(self.conv(x / 255.0 - 0.5)).mean(dim=(2, 3))
 
 
+# the classifier recipe, narrow and short: the look-alike CIFAR-10 in seconds
+STAND_IN_RECIPE = dict(evaluation.CLASSIFIER_RECIPE, widths=(8, 16, 16, 16), epochs=4, batch_size=20, lr=0.2,
+                       warmup_epochs=1)
+
+
 @pytest.fixture
 def stand_in_fid(monkeypatch, tmp_path):
     """Route clean-fid's two downloads to local stand-ins: the Inception (through the feature-extractor
     hook) and the CIFAR-10 train statistics (a file computed with the stand-in on the tiny train set,
-    returned in place of clean-fid's download). Yields the list of URLs clean-fid asked for."""
+    returned in place of clean-fid's download). The panel's assets are made by the real code into a
+    temporary folder, the classifier by a narrow, short version of its recipe (STAND_IN_RECIPE) with no
+    accuracy floor. Yields the list of URLs clean-fid asked for."""
     import cleanfid.features
     from cleanfid.fid import get_model_features
 
     extractor = StandInInception()
-    monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device: extractor)
+    monkeypatch.setattr(evaluation, "load_fid_extractor", lambda device: extractor)
+    monkeypatch.setattr(evaluation, "CLASSIFIER_RECIPE", STAND_IN_RECIPE)
+    monkeypatch.setattr(evaluation, "CLASSIFIER_FLOOR", 0.0)
+    real_panel_data = custom_train.panel_data
+    monkeypatch.setattr(custom_train, "panel_data", lambda data_dir, folder: real_panel_data(data_dir, tmp_path / "panel"))
     requested = []
     stats_path = tmp_path / "stand_in_stats.npz"
 

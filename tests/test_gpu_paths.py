@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import custom_train
+import evaluation
 from conftest import Spy, crash_at_step
 from custom_train import HarnessError
 
@@ -269,7 +270,7 @@ def test_tf32_cudnn_and_determinism_settings(tmp_path, cifar_dir, monkeypatch, s
     def recording_extractor(x):
         seen.setdefault("fid", flags())
         return extractor(x)
-    monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device, fid_cache=None: recording_extractor)
+    monkeypatch.setattr(evaluation, "load_fid_extractor", lambda device, fid_cache=None: recording_extractor)
     images, _, _ = custom_train.load_cifar10(cifar_dir)
     stand_in_fid.write_stats(images)
     with_fid = [a for a in FAST if a not in ("--fid", "off")]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_train
+import evaluation
 from conftest import Spy
 
 FAST = ["--scale", "tiny", "--ddim-steps", "2", "--grid-per-class", "1", "--sample-batch-size", "8", "--log-every", "1",
@@ -167,19 +168,19 @@ def test_online_and_offline_routes_use_the_cifar10_train_statistics(tmp_path, mo
     route (--prefetch downloads, --fid-cache reads) fetches the same URL and reads that file, even with
     the test statistics beside it."""
     stand_in_fid.write_stats(np.zeros((4, 3, 32, 32), np.uint8) + np.arange(4, dtype=np.uint8)[:, None, None, None] * 60)
-    custom_train.CleanFID(torch.device("cpu"))
+    evaluation.CleanFID(torch.device("cpu"))
     (online_url,) = stand_in_fid.requested
     assert online_url.startswith("https://www.cs.cmu.edu/~clean-fid/stats/")
     assert online_url.rsplit("/", 1)[1] == "cifar10_clean_train_32.npz"
-    assert custom_train.FID_STATS_URL == online_url  # what --prefetch downloads
+    assert evaluation.FID_STATS_URL == online_url  # what --prefetch downloads
 
     cache = tmp_path / "fid"
     cache.mkdir()
-    (cache / custom_train.INCEPTION_FILE).write_bytes(b"stand-in")
+    (cache / evaluation.INCEPTION_FILE).write_bytes(b"stand-in")
     np.savez(cache / "cifar10_clean_train_32.npz", mu=np.full(3, 1.0), sigma=np.eye(3))
     np.savez(cache / "cifar10_clean_test_32.npz", mu=np.full(3, 2.0), sigma=np.eye(3))
-    monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device, fid_cache=None: stand_in_fid.extractor)
-    offline = custom_train.CleanFID(torch.device("cpu"), cache)
+    monkeypatch.setattr(evaluation, "load_fid_extractor", lambda device, fid_cache=None: stand_in_fid.extractor)
+    offline = evaluation.CleanFID(torch.device("cpu"), cache)
     np.testing.assert_array_equal(offline.ref_mu, np.full(3, 1.0))
 
 
@@ -201,11 +202,11 @@ def test_every_image_reaches_the_feature_extractor(resize, monkeypatch, stand_in
     def recording(x):
         seen.append(len(x))
         return extractor(x)
-    monkeypatch.setattr(custom_train, "load_fid_extractor", lambda device, fid_cache=None: recording)
+    monkeypatch.setattr(evaluation, "load_fid_extractor", lambda device, fid_cache=None: recording)
     ported = []  # the torch port runs only when asked for (it is a deviation); clean-fid's own resize otherwise
-    real_port = custom_train.clean_resize_torch
-    monkeypatch.setattr(custom_train, "clean_resize_torch", lambda x: ported.append(len(x)) or real_port(x))
-    fid = custom_train.CleanFID(torch.device("cpu"), resize=resize)
+    real_port = evaluation.clean_resize_torch
+    monkeypatch.setattr(evaluation, "clean_resize_torch", lambda x: ported.append(len(x)) or real_port(x))
+    fid = evaluation.CleanFID(torch.device("cpu"), resize=resize)
     got = fid(images, torch.zeros(70, dtype=torch.long), batch_size=32)
     assert ported == ([32, 32, 6] if resize == "torch" else [])
 

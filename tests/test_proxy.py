@@ -260,3 +260,48 @@ def test_rescore_refuses_weights_of_other_code(tmp_path):
     with pytest.raises(custom_train.HarnessError, match=r"was made by other code for method '.*idea.py' \(sha256 "
                                                         r"[0-9a-f]{8}, today [0-9a-f]{8}\)"):
         report.rescore(run_dir, 20, tmp_path / "cache")
+
+
+def test_evaluate_reproduces_a_digits_runs_final_numbers_then_scores_more(tmp_path, monkeypatch, metrics, capsys):
+    """custom_train.py --evaluate RUN_DIR: the run's own options and "final" samples give its final numbers
+    exactly (panel, per-class and held-out metrics included), in a new dated file beside results.json; more
+    samples go to another file, and neither results.json nor the first file is touched."""
+    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
+        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
+    custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
+                       "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "adanorm",
+                       "--heldout-draws", "2", "--label-draws", "1"])
+    run_dir = tmp_path / "digits-tiny-adanorm-s42"
+    own, results_bytes = json.loads((run_dir / "results.json").read_text()), (run_dir / "results.json").read_bytes()
+    assert (run_dir / "per_class.csv").read_text().splitlines()[0] == "class,name,intra_fd,class_acc"
+    assert (run_dir / "per_class.png").read_bytes()[:4] == b"\x89PNG"
+
+    again = custom_train.main(["--evaluate", str(run_dir)])
+    (first,) = run_dir.glob("evaluation-*[0-9].json")
+    written = json.loads(first.read_text())
+    for key in ("proxy_fd", "class_acc", "proxy_samples", *PANEL, "per_class", "heldout_loss", "label_acc"):
+        assert written[key] == own[key] == json.loads(json.dumps(again))[key], key
+    assert written["weights"] == own["evals"][-1]["weights"] == "ema" and written["step"] == 3 and written["options"]["final_fid_samples"] == 20
+    assert (run_dir / first.name.replace(".json", "-per_class.csv")).is_file()
+    assert (run_dir / first.name.replace(".json", "-grid.png")).is_file()
+    assert str(first) in capsys.readouterr().out
+
+    more = custom_train.main(["--evaluate", str(run_dir), "--final-fid-samples", "40", "--heldout-draws", "0"])
+    assert more["proxy_samples"] == 40 and "heldout_loss" not in more and more["proxy_fd"] != own["proxy_fd"]
+    assert len(list(run_dir.glob("evaluation-*.json"))) == 2 and json.loads(first.read_text()) == written
+    assert (run_dir / "results.json").read_bytes() == results_bytes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1"], "--lr cannot be changed"),
+    (["--steps", "9", "--method", "cross-attn"], "--method, --steps cannot be changed"),
+])
+def test_evaluate_refuses_training_options_and_missing_checkpoints(tmp_path, argv, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(custom_train.HarnessError, match="not a run directory with its checkpoint"):
+        custom_train.main(["--evaluate", str(run_dir)])
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(custom_train.HarnessError, match=message):
+        custom_train.main(["--evaluate", str(run_dir), *argv])

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import custom_train
+import evaluation
 from conftest import crash_at_step
 from custom_train import HarnessError
 
@@ -94,7 +95,7 @@ def test_fid_path_against_its_own_statistics(tmp_path, cifar_dir, stand_in_fid):
     against statistics of themselves give ~0; noise images give a clearly positive distance."""
     images, _, _ = custom_train.load_cifar10(cifar_dir)
     stand_in_fid.write_stats(images)
-    fid = custom_train.CleanFID(torch.device("cpu"))
+    fid = evaluation.CleanFID(torch.device("cpu"))
     labels = torch.zeros(100, dtype=torch.long)  # FID ignores labels
     same = fid(torch.from_numpy(images), labels, batch_size=32)  # 100 images, batches of 32: wrap-around too
     assert abs(same["fid"]) < 1e-4 and same["fid_samples"] == 100
