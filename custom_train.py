@@ -76,6 +76,7 @@ SCALES = {
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 TRAIN_TIMESTEPS, BETA_START, BETA_END = 1000, 1e-4, 2e-2
 NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the label of "no class" (classifier-free guidance): the class embedding's extra row
 BUDGET_FACTOR = 1.05  # a method may have at most int(1.05 x cross-attn's parameters) at a scale
 GRAD_SCALER_INIT_SCALE = 2.0 ** 16  # torch's default; a name so that tests can force fp16 overflows
 # The fp16 scaler has collapsed when a whole log interval was skipped, at least this many steps in a row:
@@ -101,6 +102,28 @@ class Option:
 
 def flag(**kw):
     return kw
+
+
+def guidance_scales(text: str) -> list[float]:
+    """'1,1.5,3' -> [1.0, 1.5, 3.0]: distinct finite scales >= 0 (argparse reports a bad one)."""
+    try:
+        scales = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,1.5,3, got {text!r}") from None
+    if not all(math.isfinite(w) and w >= 0 for w in scales) or len(set(scales)) < len(scales):
+        raise argparse.ArgumentTypeError(f"guidance scales must be distinct finite numbers >= 0, got {text!r}")
+    return scales
+
+
+def timestep_interval(text: str) -> list[int]:
+    """'100,800' -> [100, 800]: timesteps LO <= HI within [0, 999]."""
+    try:
+        lo, hi = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI such as 100,800, got {text!r}") from None
+    if not 0 <= lo <= hi < TRAIN_TIMESTEPS:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO <= HI <= {TRAIN_TIMESTEPS - 1}, got {text!r}")
+    return [lo, hi]
 
 
 OPTIONS: dict[str, dict[str, Option]] = {
@@ -152,6 +175,11 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "lr_cooldown": Option(0, "decay the learning rate linearly to 0 over the last N steps (0: constant, the "
                               "protocol); the decay is placed by --steps, so such a run keeps its --steps",
                               "train", SAME, legacy=0, kw=flag(type=int)),
+        "cfg_dropout": Option(0.0, "classifier-free guidance training: each label is replaced by a null class with "
+                              "this probability, drawn from the step's generator over the global batch (exact resume, "
+                              "any number of processes); the null class is one more row of the class embedding "
+                              "(counted in the parameters) when > 0; 0: the protocol", "train", SAME, legacy=0.0,
+                              kw=flag(type=float)),
         "weight_decay": Option(1e-4, "AdamW weight decay (decoupled, on every parameter)", "train", SAME,
                                kw=flag(type=float)),
         "grad_clip": Option(1.0, "gradient-norm clipping, after unscaling", "train", SAME, kw=flag(type=float)),
@@ -208,6 +236,17 @@ OPTIONS: dict[str, dict[str, Option]] = {
                            "panel's assets there (on --device; minutes on a GPU, unless --no-panel), then exit",
                            kw=flag(action="store_true")),
         "ddim_steps": Option(50, "DDIM sampling steps", "eval", SAME, kw=flag(type=int)),
+        "guidance": Option([1.0], "classifier-free guidance scales W1,W2,...: each evaluation samples at every scale "
+                           "with the same noise and labels, eps = eps_null + w (eps_cond - eps_null) from one batched "
+                           "forward; results hold every scale, the best (by fid or proxy_fd) gives the headline "
+                           "numbers; 1: no guidance (the protocol); other scales need --cfg-dropout > 0",
+                           "eval", SAME, legacy=[1.0], kw=flag(type=guidance_scales, metavar="W1,W2,...")),
+        "guidance_interval": Option(None, "guide only at DDPM timesteps t with LO <= t <= HI (Kynkaanniemi et al. "
+                                    "2024); the conditional prediction alone elsewhere (default: every step)", "eval",
+                                    SAME, legacy=None, kw=flag(type=timestep_interval, metavar="LO,HI")),
+        "guidance_samples": Option(None, "with several --guidance scales: score each on N samples, then the best "
+                                   "again on the evaluation's full count (default: every scale on the full count)",
+                                   "eval", legacy=None, kw=flag(type=int)),
         "sample_batch_size": Option(500, "images per sampling batch (each batch has its own noise seed)", "eval",
                                     kw=flag(type=int)),
         "grid_per_class": Option(10, "samples per class row in the grid PNGs", kw=flag(type=int)),
@@ -272,13 +311,14 @@ def build_unet(scale: str, image_size: int = 32):
 class ConditionedUNet(nn.Module):
     """The UNet with the class injected by a method: through the time path and after every block."""
 
-    def __init__(self, unet, method: conditioning.Method, num_classes: int = NUM_CLASSES):
+    def __init__(self, unet, method: conditioning.Method, num_classes: int = NUM_CLASSES, null_class: bool = False):
         super().__init__()
         channels = list(unet.config.block_out_channels)
         self.cond_dim = unet.time_embedding.linear_2.out_features  # D = 4 * C0
         self.unet = unet
         self.prepare_conditioning = method.prepare_conditioning
-        self.class_embedding = nn.Embedding(num_classes, self.cond_dim)
+        # with classifier-free guidance, one more row: the null class (label num_classes), "no class"
+        self.class_embedding = nn.Embedding(num_classes + null_class, self.cond_dim)
         self.down_cond = nn.ModuleList(method.conditioner(c, self.cond_dim) for c in channels)
         self.mid_cond = method.conditioner(channels[-1], self.cond_dim)
         self.up_cond = nn.ModuleList(method.conditioner(c, self.cond_dim) for c in reversed(channels))
@@ -402,11 +442,11 @@ def method_sha256(name: str) -> str:
     return hashlib.sha256(ast.unparse(strip(ast.parse(method_code(name)))).encode()).hexdigest()
 
 
-def build_model(scale: str, method_name: str, image_size: int = 32) -> ConditionedUNet:
+def build_model(scale: str, method_name: str, image_size: int = 32, null_class: bool = False) -> ConditionedUNet:
     method = get_method(method_name)
     unet = build_unet(scale, image_size)
     try:
-        return ConditionedUNet(unet, method)
+        return ConditionedUNet(unet, method, null_class=null_class)
     except Exception as e:
         raise HarnessError(f"method '{method_name}': building its modules raised {type(e).__name__}: {e}") from e
 
@@ -415,11 +455,12 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def params_and_budget(scale: str, method_name: str) -> tuple[int, int]:
-    """Parameters of the whole model (UNet + class embedding + conditioners) and the scale's budget.
-    Built on the meta device: no memory, no initialisation cost."""
+def params_and_budget(scale: str, method_name: str, null_class: bool = False) -> tuple[int, int]:
+    """Parameters of the whole model (UNet + class embedding, with its null row if any + conditioners) and
+    the scale's budget (the protocol's cross-attn, without one). Built on the meta device: no memory, no
+    initialisation cost."""
     with torch.device("meta"):
-        params = count_params(build_model(scale, method_name))
+        params = count_params(build_model(scale, method_name, null_class=null_class))
         reference = count_params(build_model(scale, "cross-attn"))
     return params, int(BUDGET_FACTOR * reference)
 
@@ -556,8 +597,9 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 class TrainingBatches:
     """Step s's batch as a pure function of (seed, s): the images at the epoch's permutation (the
-    incomplete last batch of an epoch is dropped), and the global batch's flips, timesteps and noise,
-    drawn whole from a generator of (seed, "train", s); then this rank's slice. So resume needs only
+    incomplete last batch of an epoch is dropped), and the global batch's flips, timesteps, noise and
+    (with --cfg-dropout) the labels replaced by the null class, drawn whole from a generator of
+    (seed, "train", s); then this rank's slice. So resume needs only
     the step, and the run does not depend on the number of processes.
 
     Every call fills the same four input buffers in place and returns them: a compiled step then sees
@@ -587,12 +629,15 @@ class TrainingBatches:
         flip = torch.rand(a.batch_size, device=device, generator=rng) < 0.5 if a.hflip else None
         t = torch.randint(0, TRAIN_TIMESTEPS, (a.batch_size,), device=device, generator=rng)
         noise = torch.randn((a.batch_size, 3, a.image_size, a.image_size), device=device, generator=rng)
-        idx, t, noise = idx[self.mine], t[self.mine], noise[self.mine]
+        y = self.labels[idx]
+        if a.cfg_dropout > 0:  # drawn last: the other draws are those of a run without dropout
+            y = torch.where(torch.rand(a.batch_size, device=device, generator=rng) < a.cfg_dropout, NULL_CLASS, y)
+        idx, t, noise, y = idx[self.mine], t[self.mine], noise[self.mine], y[self.mine]
         x0 = self.images[idx].float() / 127.5 - 1
         if flip is not None:
             x0 = torch.where(flip[self.mine, None, None, None], x0.flip(3), x0)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
-        for buffer, value in zip(self.buffers, (xt, t, self.labels[idx], noise)):
+        for buffer, value in zip(self.buffers, (xt, t, y, noise)):
             buffer.copy_(value)
         return self.buffers
 
@@ -633,8 +678,18 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
 
 
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: float, amp_dtype) -> torch.Tensor:
+    """Classifier-free guidance: the conditional and the null-class predictions from one forward of the
+    doubled batch, eps_null + w (eps_cond - eps_null), in fp32."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        eps = model(torch.cat([x, x]), t, torch.cat([y, torch.full_like(y, NULL_CLASS)]))
+    eps_cond, eps_null = eps.float().chunk(2)
+    return eps_null + guidance * (eps_cond - eps_null)
+
+
 def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int, ddim_steps: int,
-           image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1):
+           image_size: int, amp_dtype, device, desc: str = "sampling", rank: int = 0, world: int = 1,
+           guidance: float = 1.0, interval: list[int] | None = None):
     """DDIM (eta 0) samples for the given labels, as uint8 [N, 3, H, W] on the CPU of rank 0 (None on the
     other ranks).
 
@@ -643,10 +698,15 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
     rank r samples batches r, r + world, ... and rank 0 gathers them in order: the images are the same
     whatever the number of processes. The host never waits for the device until the images are complete
     (one copy back at the end): labels and timesteps go to the device once, the scheduler reads its
-    timesteps as Python ints, and the images stay on the device."""
+    timesteps as Python ints, and the images stay on the device.
+
+    With guidance w != 1 (classifier-free; the model has the null class), the steps whose timestep lies
+    in `interval` (all when None) take guided_eps, the others the conditional prediction alone; the
+    initial noise is the same at every w, so the scales of a curve differ by guidance, not by noise."""
     with torch.no_grad():
         scheduler = ddim_scheduler(ddim_steps)
         steps = list(zip(scheduler.timesteps.tolist(), to_device(scheduler.timesteps, device)))
+        guided = [guidance != 1 and (interval is None or interval[0] <= t_host <= interval[1]) for t_host, _ in steps]
         labels = to_device(labels, device)
         was_training = model.training
         model.eval()
@@ -656,9 +716,12 @@ def sample(model, labels: torch.Tensor, *, seed: int, tag: str, batch_size: int,
             y = labels[b * batch_size:(b + 1) * batch_size]
             x = torch.randn((len(y), 3, image_size, image_size), device=device,
                             generator=generator(device, seed, tag, b))
-            for t_host, t in steps:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    eps = model(x, t, y)
+            for (t_host, t), guide in zip(steps, guided):
+                if guide:
+                    eps = guided_eps(model, x, t, y, guidance, amp_dtype)
+                else:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        eps = model(x, t, y)
                 x = scheduler.step(eps.float(), t_host, x, eta=0.0).prev_sample
             out[b] = quantize(x)
         if out:  # the one copy back to the host
@@ -1000,6 +1063,7 @@ NUMERIC_CHECKS = [
         "seed", "fid_samples", "final_fid_samples", "weight_decay", "ema_eval_start", "heldout_draws", "label_draws",
         "metric_seed")],
     ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("cfg_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
 ]
 
 
@@ -1039,6 +1103,11 @@ def resolve_defaults(args) -> None:
         raise HarnessError("--fid clean compares with CIFAR-10 statistics; digits runs use --fid proxy (or off)")
     if args.fid != "off" and 0 < min(args.fid_samples or 2, args.final_fid_samples or 2) < 2:
         raise HarnessError("FID needs at least 2 samples (a covariance); raise --fid-samples/--final-fid-samples")
+    if args.guidance_samples is not None and args.guidance_samples < (2 if args.fid != "off" else 1):
+        raise HarnessError(f"--guidance-samples must be at least 2 (a covariance), got {args.guidance_samples}")
+    if any(w != 1 for w in args.guidance) and args.cfg_dropout == 0:
+        raise HarnessError(f"--guidance {','.join(f'{w:g}' for w in args.guidance)} needs the null class of a model trained "
+                           f"with --cfg-dropout > 0 (e.g. 0.1); this one is trained without it, so only --guidance 1")
     if not 0 <= args.lr_cooldown <= args.steps:
         raise HarnessError(f"--lr-cooldown must lie in [0, --steps={args.steps}], got {args.lr_cooldown}")
     args.method_sha256 = method_sha256(args.method)
@@ -1086,7 +1155,7 @@ def run_config(args, world: int, count_parameters: bool = True) -> dict:
 
 
 def parameter_count(args) -> dict:
-    params, budget = params_and_budget(args.scale, args.method)
+    params, budget = params_and_budget(args.scale, args.method, null_class=args.cfg_dropout > 0)
     return dict(params=params, budget=budget, within_budget=params <= budget)
 
 
@@ -1279,31 +1348,75 @@ def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> 
     --ema-eval-start, the EMA from it on. Always a grid; FID (or the proxy) with the panel when on; the
     held-out metrics when on. Logged (when the run has a log), and returned. The samples' noise and
     labels come from (seed, tag): an evaluation tagged "final" again sees the same samples. `files`:
-    the name prefix of its grid and samples (rescoring), instead of grid_TAG.png and samples.npz."""
-    args = run.args
+    the name prefix of its grid and samples (rescoring), instead of grid_TAG.png and samples.npz.
+
+    With guidance (--guidance other than 1) every scale is sampled from the same noise and labels and
+    scored, on --guidance-samples first when given; the best scale by the primary metric gives the
+    headline numbers (scored again on the full count if it was screened on fewer), "guidance" holds
+    the curve, and the grids show the best scale and 1."""
+    args, scales = run.args, list(run.args.guidance)
     grid_file, samples_file = (f"grid_{tag}.png", "samples.npz") if files is None else \
         (f"{files}-grid.png", f"{files}-samples.npz")
     net = run.ema.module if run.step >= args.ema_eval_start else run.model
     kw = dict(seed=args.seed, batch_size=args.sample_batch_size, ddim_steps=args.ddim_steps, image_size=args.image_size,
-              amp_dtype=run.amp_dtype, device=run.device, rank=run.rank, world=run.world)
-    grid = sample(net, torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class), tag="grid", desc="grid", **kw)
+              amp_dtype=run.amp_dtype, device=run.device, rank=run.rank, world=run.world,
+              interval=args.guidance_interval)
     record = dict(step=run.step, eval=tag, weights="ema" if net is run.ema.module else "raw", grid=grid_file)
-    if run.is_main:
-        save_grid(grid, run.class_names, args.grid_per_class, run.run_dir / record["grid"])
+    best = None
     if args.fid != "off" and num_samples > 0:
         labels = sample_labels(args, num_samples, tag)
-        images = sample(net, labels, tag=tag, desc=f"sampling {num_samples}", **kw)
+
+        def draw(w, n):  # the first n samples at scale w: the same initial noise and labels at every scale
+            return sample(net, labels[:n], tag=tag, guidance=w, desc=f"sampling {n}" + (
+                f" at guidance {w:g}" if scales != [1.0] else ""), **kw)
+        if scales == [1.0]:
+            images = draw(1.0, num_samples)
+            if run.is_main:
+                record.update(run.scorer(images, labels))
+        else:
+            screened = min(args.guidance_samples or num_samples, num_samples)
+            curve, images = [], None
+            for w in scales:
+                at_w = draw(w, screened)
+                if run.is_main:
+                    curve.append(dict(guidance=w, **run.scorer(at_w, labels[:screened])))
+                    if curve[-1] is min(curve, key=lambda e: primary_value(e, run.scorer.primary)):
+                        best, images = w, at_w
+            if run.world > 1:  # rank 0 scored: every rank samples the best scale again
+                box = [best]
+                dist.broadcast_object_list(box, src=0)
+                best = box[0]
+            if screened < num_samples:
+                images = draw(best, num_samples)
+            if run.is_main:
+                scores = run.scorer(images, labels) if screened < num_samples else \
+                    {k: v for k, v in curve[scales.index(best)].items() if k != "guidance"}
+                record.update(scores, best_guidance=best, guidance_samples=screened, guidance=curve)
+        if run.is_main and args.save_samples and tag == "final":
+            atomic_write(run.run_dir / samples_file, lambda f: np.savez_compressed(
+                f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
+    # the grid: the best scale's (or every asked scale's when nothing was scored) and guidance 1's
+    shown = [1.0] if scales == [1.0] else ([best] if best is not None else list(scales)) + [1.0]
+    grid_labels = torch.arange(NUM_CLASSES).repeat_interleave(args.grid_per_class)
+    for i, w in enumerate(dict.fromkeys(shown)):
+        name = grid_file if i == 0 else grid_file.replace(".png", f"-guidance{w:g}.png")
+        grid = sample(net, grid_labels, tag="grid", desc="grid", guidance=w, **kw)
         if run.is_main:
-            record.update(run.scorer(images, labels))
-            if args.save_samples and tag == "final":
-                atomic_write(run.run_dir / samples_file, lambda f: np.savez_compressed(
-                    f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
-    if run.heldout is not None and run.is_main:
+            save_grid(grid, run.class_names, args.grid_per_class, run.run_dir / name)
+        if scales != [1.0]:
+            record.setdefault("grids", {})[f"{w:g}"] = name
+    if run.heldout is not None and run.is_main:  # (the conditional model's own objective: no guidance)
         record.update(run.heldout(net, run.amp_dtype))
     if run.world > 1:
         dist.barrier()
     run.log(record)
     return record
+
+
+def primary_value(scores: dict, primary: str) -> float:
+    """The primary metric (lower is better) for choosing among guidance scales; undefined ones last."""
+    value = scores.get(primary)
+    return value if value is not None and math.isfinite(value) else math.inf
 
 
 def assemble_results(run: Run, final: dict) -> dict:
@@ -1334,12 +1447,17 @@ def assemble_results(run: Run, final: dict) -> dict:
 
 def print_results(results: dict, run_dir: Path) -> None:
     print(f"\n{run_dir}")
-    for key in ("best_fid", "best_fid_step", "fid", "kid", "intra_fid", "precision", "recall", "proxy_fd", "class_acc",
+    for key in ("best_fid", "best_fid_step", "best_guidance", "fid", "kid", "intra_fid", "precision", "recall",
+                "proxy_fd", "class_acc",
                 "proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall", "heldout_loss", "label_acc", "params",
                 "steps", "images_per_s"):
         value = results.get(key)
         if value is not None:
             print(f"  {key:<15} {value:,.4f}" if isinstance(value, float) else f"  {key:<15} {value:,}")
+    for entry in results.get("guidance") or []:  # the curve, on guidance_samples each
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in entry.items() if k in ("fid", "proxy_fd", "class_acc", "kid")
+                          and v is not None)
+        print(f"  {'guidance ' + format(entry['guidance'], 'g'):<15} {shown}")
     print(f"  {'grid':<15} {run_dir / results['grid']}")
 
 
@@ -1396,7 +1514,7 @@ def build_run(args, rank: int, world: int, config: dict, run_dir: Path, data=Non
         raise HarnessError(f"method '{args.method}' has {config['params']:,} parameters at scale {args.scale}, over "
                            f"the budget of {config['budget']:,} (1.05 x cross-attn); shrink it or pass --ignore-budget")
     torch.manual_seed(args.seed)
-    model = build_model(args.scale, args.method, args.image_size).to(device)
+    model = build_model(args.scale, args.method, args.image_size, null_class=args.cfg_dropout > 0).to(device)
     check_method_contract(model, args.method, device)
     if args.channels_last:  # before the EMA copy and the optimizer: all three share one layout
         model.to(memory_format=torch.channels_last)
@@ -1581,8 +1699,9 @@ def train(args, rank: int, world: int) -> dict | None:
 
 # what --evaluate may change; every other option is the run's own (config.json)
 EVALUATE_OPTIONS = ("final_fid_samples", "sample_batch_size", "ddim_steps", "fid", "fid_resize", "fid_cache", "panel",
-                    "data_dir", "cache_dir", "device", "precision", "tf32", "deterministic", "heldout_draws",
-                    "label_draws", "metric_seed", "grid_per_class", "save_samples")
+                    "guidance", "guidance_interval", "guidance_samples", "data_dir", "cache_dir", "device", "precision",
+                    "tf32", "deterministic", "heldout_draws", "label_draws", "metric_seed", "grid_per_class",
+                    "save_samples")
 
 
 def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
@@ -1676,7 +1795,7 @@ def main(argv=None) -> dict | None:
         return None
     get_method(args.method)
     if args.count_params:
-        params, budget = params_and_budget(args.scale, args.method)
+        params, budget = params_and_budget(args.scale, args.method, null_class=args.cfg_dropout > 0)
         result = dict(scale=args.scale, method=args.method, params=params, budget=budget, within_budget=params <= budget)
         print(json.dumps(result))
         return result

@@ -9,6 +9,9 @@
         concat-film adanorm --published 18.67 18.75 19.17 19.39 20.01 --published-noise 0.35
                                                             # does each metric reproduce the published order?
     python report.py curves --out-dir runs/proxy --methods concat-film cross-attn   # metrics against the step
+                                                            # (and against the guidance scale, where runs have it)
+    python report.py guidance --out-dir runs/proxy --write-prefix runs/proxy/guidance   # classifier-free guidance:
+                                                            # the metric per scale, each seed's best, its gain over 1
     python report.py rescore --out-dir runs/proxy --samples 3000   # score finished digits runs again
     python report.py proxy --out-dir runs/proxy --rescored 3000    # ... and compare those scores
 
@@ -22,6 +25,11 @@ Every left-out run is counted below the table.
 The proxy comparison tests each method against the best baseline with Welch's t-test (unequal variances)
 and, where both ran the same seeds, the paired-by-seed t-test: a difference is "beyond noise" when its
 interval excludes 0; with fewer than 2 seeds there is no interval, and the cell says so.
+
+Runs evaluated at several guidance scales (custom_train.py --guidance W1,W2,...) report the best scale's
+numbers; `proxy` and `scales` show that scale of each run ("best guidance", "(w 2, 2, 3)"; 1 for a run
+without guidance), so a table never hides that its numbers were picked among scales. `guidance` compares
+the methods' whole curves, as the run's final evaluation scored them.
 """
 from __future__ import annotations
 
@@ -44,6 +52,11 @@ PROXY_METRICS = {"proxy_fd": "lower", "class_acc": "higher", "heldout_loss": "lo
 SCALE_METRICS = {"best_fid": "lower", "fid": "lower", "kid": "lower", "intra_fid": "lower", "precision": "higher",
                  "recall": "higher", "class_acc": "higher"}
 PANEL = ("fid", "kid", "intra_fid", "precision", "recall", "class_acc")  # `scales --panel`: a table each
+BETTER = {**PROXY_METRICS, **SCALE_METRICS}  # every metric's direction
+CURVE_METRICS = ("fid", "kid", "intra_fid", "precision", "recall", "proxy_fd", "class_acc", "heldout_loss", "label_acc",
+                 "proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall")  # `curves`: a panel each
+# what a guidance curve's entries may hold (the held-out metrics are not sampled, so have no scale)
+GUIDANCE_METRICS = tuple(m for m in CURVE_METRICS if m not in ("heldout_loss", "label_acc"))
 DIGITS = {"proxy_fd": 3, "class_acc": 3, "heldout_loss": 5, "label_acc": 4, "proxy_kid": 1, "proxy_intra_fd": 2,
           "proxy_precision": 3, "proxy_recall": 3, "best_fid": 2, "fid": 2, "kid": 4, "intra_fid": 2, "precision": 3,
           "recall": 3}  # kid: clean-fid's raw kernel distance, ~0.001-0.05 on CIFAR
@@ -136,12 +149,38 @@ def format_cell(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})"
 
 
+def best_scale(r: dict) -> float:
+    """The guidance scale a run's headline numbers come from: 1 for a run without guidance."""
+    return 1.0 if r.get("best_guidance") is None else r["best_guidance"]
+
+
+def scales_text(scales) -> str:
+    return ", ".join(f"{w:g}" for w in scales)
+
+
+def guidance_suffix(runs: list[dict], metric: str) -> str:
+    """" (w 2, 2, 3)": the best guidance scale of each run behind a cell's number, in seed order; "" when
+    none of them was guided (tables of unguided runs stay as they were)."""
+    shown = sorted((r for r in runs if r.get(metric) is not None and math.isfinite(r[metric])),
+                   key=lambda r: r.get("seed", 0))
+    if not any(r.get("best_guidance") is not None for r in shown):
+        return ""
+    return f" (w {scales_text(best_scale(r) for r in shown)})"
+
+
+def row_labels(runs: list[dict], methods: list[str] | None = None) -> list[str]:
+    """A table's rows: each method (in the order asked, else sorted) with its code versions (label_versions)."""
+    order = methods or sorted({r["method"] for r in runs})
+    return [lab for m in order for lab in sorted({r["label"] for r in runs if r["method"] == m})]
+
+
 def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCALE_ORDER,
                  metric: str = "best_fid") -> str:
     """Markdown: one row per method (and code version), one column per scale; a cell is the mean ± std
     over seeds with n. A cell takes the runs that follow the protocol; only where none does, it shows
     the deviating ones, marked *, and the deviations are listed below. The heading says which direction
-    is better, except for FID's, which stays as tables written before the panel have it."""
+    is better, except for FID's, which stays as tables written before the panel have it. Where runs were
+    guided, a cell names each run's best guidance scale: its number was picked among scales."""
     runs = label_versions(runs)
     rows = []
     for method in methods or sorted({r["method"] for r in runs}):
@@ -160,10 +199,12 @@ def scales_table(runs: list[dict], methods: list[str] | None = None, scales=SCAL
                 if len(conforming) < len(here):
                     notes.append(f"left out of {label} at {scale}: {len(here) - len(conforming)} run(s) that deviate "
                                  f"from the protocol")
-                cells.append(format_cell([r.get(metric) for r in conforming], digits))
+                cells.append(format_cell([r.get(metric) for r in conforming], digits)
+                             + guidance_suffix(conforming, metric))
                 continue
             cell = format_cell([r.get(metric) for r in here], digits)
             if cell != "-":  # a number from runs that deviate: marked, and the deviations listed below
+                cell += guidance_suffix(here, metric)
                 for r in here:
                     marks.setdefault("; ".join(deviates(r)), len(marks) + 1)
                 cell += " " + " ".join(sorted({"*" * marks["; ".join(deviates(r))] for r in here}))
@@ -210,12 +251,14 @@ def paired_interval(a: dict[int, float], b: dict[int, float], confidence: float 
     return statistics.fmean(diffs), float(ci.low), float(ci.high)
 
 
-def noise_verdict(diff: float, low: float, high: float, better: str) -> str:
+def noise_verdict(diff: float, low: float, high: float, better: str, words=("better", "worse")) -> str:
+    """words: what a difference beyond noise in the better and the other direction is called (a number
+    with no better side, such as a guidance scale, says "higher"/"lower")."""
     if math.isnan(low) or math.isnan(high):
         return "n=1: no interval"
     if not (low > 0 or high < 0):
         return "within noise"
-    return "better, beyond noise" if (diff < 0) == (better == "lower") else "worse, beyond noise"
+    return f"{words[0]}, beyond noise" if (diff < 0) == (better == "lower") else f"{words[1]}, beyond noise"
 
 
 def by_label(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
@@ -232,15 +275,17 @@ def proxy_comparison(runs: list[dict], methods: list[str] | None = None, confide
     """One row per method (and code version): n, mean and std of each metric, and for each metric the
     difference from the best reference (by default the three baselines; best by that metric's mean) with
     its Welch interval and verdict, and, where both ran the same seeds, the paired-by-seed interval and
-    its verdict."""
+    its verdict. Where some runs were guided, every row lists its runs' best guidance scales, in seed order."""
     runs = label_versions([r for r in runs if any(r.get(k) is not None for k in metrics)])
-    order = methods or sorted({r["method"] for r in runs})
-    labels = [lab for m in order for lab in sorted({r["label"] for r in runs if r["method"] == m})]
     values = {k: by_label(runs, k) for k in metrics}
+    guided = any(r.get("best_guidance") is not None for r in runs)
     rows = []
-    for label in labels:
-        seeds = sorted({r["seed"] for r in runs if r["label"] == label})
+    for label in row_labels(runs, methods):
+        mine_runs = sorted((r for r in runs if r["label"] == label), key=lambda r: r["seed"])
+        seeds = sorted({r["seed"] for r in mine_runs})
         row = dict(method=label, n=len(seeds), seeds=seeds)
+        if guided:
+            row["best_guidance"] = [best_scale(r) for r in mine_runs]
         for metric, better in metrics.items():
             mine = values[metric].get(label)
             if not mine:
@@ -272,12 +317,13 @@ def proxy_comparison(runs: list[dict], methods: list[str] | None = None, confide
 def proxy_markdown(rows: list[dict], confidence: float = 0.95, metrics=PROXY_METRICS, reference="best baseline") -> str:
     level = f"{100 * confidence:g}%"
     shown = [m for m in metrics if any(f"{m}_mean" in r for r in rows)]
-    head = "| method | n | " + " | ".join(
+    guided = any("best_guidance" in r for r in rows)
+    head = "| method | n | " + ("best guidance | " if guided else "") + " | ".join(
         f"{m} {'↓' if metrics[m] == 'lower' else '↑'} (mean ± std) | Δ vs {reference} [Welch {level} CI] | paired by seed"
         for m in shown) + " |"
-    lines = [head, "|---" * (2 + 3 * len(shown)) + "|"]
+    lines = [head, "|---" * (2 + guided + 3 * len(shown)) + "|"]
     for r in rows:
-        cells = [r["method"], str(r["n"])]
+        cells = [r["method"], str(r["n"])] + ([scales_text(r.get("best_guidance", []))] if guided else [])
         for metric in shown:
             d = DIGITS.get(metric, 3)
             if f"{metric}_mean" not in r:
@@ -301,7 +347,9 @@ def proxy_markdown(rows: list[dict], confidence: float = 0.95, metrics=PROXY_MET
     lines.append(f"Δ: method minus the {reference} for that metric (by mean); {level} CI from Welch's t-test over seeds "
                  f"(unequal variances); paired by seed: the {level} paired-t interval of the per-seed differences (runs "
                  "of one seed share data order, noise and sampling labels across methods); \"beyond noise\" when "
-                 "the interval excludes 0; n=1: one seed, no interval.")
+                 "the interval excludes 0; n=1: one seed, no interval."
+                 + (" best guidance: the guidance scale each seed's numbers come from (1: a run without guidance)."
+                    if guided else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -445,9 +493,19 @@ def smooth(values: list[float], window: int = 5) -> list[float]:
     return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
 
 
-def curves_plot(runs: list[dict], path: Path, metrics=("fid", "kid", "intra_fid", "precision", "recall", "proxy_fd",
-                                                      "class_acc", "heldout_loss", "label_acc", "proxy_kid",
-                                                      "proxy_intra_fd", "proxy_precision", "proxy_recall")) -> list[str]:
+def seeds_and_mean(ax, series: list[list[tuple]], colour: str, label: str, marker: str | None) -> None:
+    """Each seed's (x, y) points a thin line, and their mean bold and labelled, at the x every seed has."""
+    for points in series:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, color=colour, lw=0.6, alpha=0.5, marker=marker)
+    curves = [dict(points) for points in series]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    if common:
+        ax.plot(common, [statistics.fmean(c[x] for c in curves) for x in common], color=colour, lw=2,
+                marker=marker and "o", label=f"{label} (n={len(series)})")
+
+
+def curves_plot(runs: list[dict], path: Path, metrics=CURVE_METRICS) -> list[str]:
     """The training loss (smoothed) and every evaluation metric against the step: one colour per method,
     each seed a thin line, their mean bold. Returns the panels drawn."""
     import matplotlib
@@ -469,21 +527,14 @@ def curves_plot(runs: list[dict], path: Path, metrics=("fid", "kid", "intra_fid"
     labels = sorted({r["label"] for r in runs})
     for ax, panel in zip(axes[0], panels):
         for i, label in enumerate(labels):
-            mine = [r for r in runs if r["label"] == label]
             series = []
-            for r in mine:
-                points = [(s, v) for s, v in r["_train"]] if panel == "loss" else \
+            for r in (r for r in runs if r["label"] == label):
+                points = r["_train"] if panel == "loss" else \
                     [(e["step"], e[panel]) for e in r["_evals"] if e.get(panel) is not None]
-                if not points:
-                    continue
-                steps, values = zip(*points)
-                values = smooth(list(values)) if panel == "loss" else list(values)
-                ax.plot(steps, values, color=f"C{i}", lw=0.6, alpha=0.5, marker=None if panel == "loss" else ".")
-                series.append(dict(zip(steps, values)))
-            common = sorted(set.intersection(*(set(s) for s in series))) if series else []
-            if common:
-                ax.plot(common, [statistics.fmean(s[x] for s in series) for x in common], color=f"C{i}", lw=2,
-                        marker=None if panel == "loss" else "o", label=f"{label} (n={len(series)})")
+                if points:
+                    steps, values = zip(*points)
+                    series.append(list(zip(steps, smooth(list(values)) if panel == "loss" else values)))
+            seeds_and_mean(ax, series, f"C{i}", label, None if panel == "loss" else ".")
         ax.set_title(panel + (" (smoothed)" if panel == "loss" else ""))
         ax.set_xlabel("step")
         if panel in ("loss", "heldout_loss"):
@@ -494,6 +545,93 @@ def curves_plot(runs: list[dict], path: Path, metrics=("fid", "kid", "intra_fid"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return panels
+
+
+def guidance_curve(r: dict, metric: str) -> dict[float, float]:
+    """scale -> the metric there, in the order the scales were asked, as the run's final evaluation scored
+    them (results' "guidance" is its curve); {} for a run without guidance or without that metric."""
+    return {e["guidance"]: e[metric] for e in r.get("guidance") or []
+            if e.get(metric) is not None and math.isfinite(e[metric])}
+
+
+def guidance_plot(runs: list[dict], path: Path, metrics=GUIDANCE_METRICS) -> list[str]:
+    """Each metric against the guidance scale, from the runs' final evaluations: one colour per method,
+    each seed a thin line, their mean bold. Returns the panels drawn: the metrics some run's curve has
+    (none: [] and no file)."""
+    runs = label_versions([r for r in runs if r.get("guidance")])
+    panels = [m for m in metrics if any(guidance_curve(r, m) for r in runs)]
+    if not panels:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    labels = sorted({r["label"] for r in runs})
+    for ax, panel in zip(axes[0], panels):
+        for i, label in enumerate(labels):
+            series = [sorted(guidance_curve(r, panel).items()) for r in runs if r["label"] == label]
+            seeds_and_mean(ax, [s for s in series if s], f"C{i}", label, ".")
+        ax.set_title(f"{panel} ({BETTER[panel]} is better)")
+        ax.set_xlabel("guidance scale")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return panels
+
+
+def paired_cell(a: dict, b: dict, better: str, digits: int, confidence: float, words=("better", "worse")) -> str:
+    """a - b paired by the seeds both have: the mean difference, its paired interval, the verdict and n;
+    "-" with fewer than 2 seeds in common."""
+    common = sorted(set(a) & set(b))
+    p = paired_interval({s: a[s] for s in common}, {s: b[s] for s in common}, confidence)
+    if p is None:
+        return "-"
+    return (f"{p[0]:+.{digits}f} [{p[1]:+.{digits}f}, {p[2]:+.{digits}f}] {noise_verdict(*p, better, words)} "
+            f"(n={len(common)})")
+
+
+def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = None, confidence: float = 0.95) -> str:
+    """Markdown: per method, the metric of the final evaluation at each guidance scale (mean ± std over seeds,
+    n), each seed's best scale by it and the gain there over scale 1; then every pair of methods on the gain
+    and on the best scale, paired by seed. Whether guidance helps a method more than another is a question
+    about the curves: the headline numbers are each at its own best scale, picked on the same samples."""
+    runs = label_versions([r for r in runs if r.get("guidance")])
+    better, digits = BETTER[metric], DIGITS.get(metric, 3)
+    pick = min if better == "lower" else max  # ties: the scale asked first, as custom_train.py picks
+    labels = row_labels(runs, methods)
+    curves = {lab: {r["seed"]: guidance_curve(r, metric) for r in sorted(runs, key=lambda r: r["seed"])
+                    if r["label"] == lab and guidance_curve(r, metric)} for lab in labels}  # seed -> curve
+    best = {lab: {s: pick(c, key=c.get) for s, c in per.items()} for lab, per in curves.items()}
+    gain = {lab: {s: c[best[lab][s]] - c[1.0] for s, c in per.items() if 1.0 in c} for lab, per in curves.items()}
+    scales = sorted({w for per in curves.values() for c in per.values() for w in c})
+    samples = sorted({r["guidance_samples"] for r in runs if r.get("guidance_samples")})
+    level = f"{100 * confidence:g}%"
+    lines = [f"{metric} ({better} is better) of each run's final evaluation at each guidance scale w, mean ± std "
+             f"over seeds (n)" + (f"; each scale scored on {scales_text(samples)} samples" if samples else ""), "",
+             "| method | " + " | ".join(f"w={w:g}" for w in scales) + " | best w per seed | gain: best w − w=1 |",
+             "|---" * (len(scales) + 3) + "|"]
+    for lab in labels:
+        cells = [format_cell([c.get(w) for c in curves[lab].values()], digits) for w in scales]
+        cells += [scales_text(best[lab].values()) or "-", format_cell(list(gain[lab].values()), digits)]
+        lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    if len(labels) > 1:
+        lines += ["", f"| pair (A vs B) | gain: A − B [{level} paired CI] | best w: A − B [{level} paired CI] |",
+                  "|---|---|---|"]
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                lines.append(f"| {a} vs {b} | {paired_cell(gain[a], gain[b], better, digits, confidence)} | "
+                             f"{paired_cell(best[a], best[b], 'higher', 2, confidence, ('higher', 'lower'))} |")
+    lines += ["", f"best w: the scale with the best {metric} in each seed's curve, seeds in increasing order (ties: "
+              f"the scale asked first; for the run's primary metric, its best_guidance). gain: {metric} at the best w "
+              f"minus at w=1, over the seeds whose curve has w=1. Pairs: A minus B paired by seed over the seeds both "
+              f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, \"better\": "
+              f"guidance helps A more; on the best w, \"higher\"/\"lower\": A's best scale is; -: fewer than 2 "
+              f"seeds in common."]
+    return "\n".join(lines) + "\n"
 
 
 def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 500) -> dict:
@@ -528,7 +666,8 @@ def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 
             f"{(config.get('method_sha256') or 'unrecorded')[:8]}, today {(today or 'missing')[:8]}): its weights "
             f"belong to that code; restore it (config.json holds its method_source) to rescore")
     ckpt = custom_train.load_checkpoint(run_dir / "checkpoint.pt")
-    net = custom_train.build_model(config["scale"], config["method"], config["image_size"])
+    net = custom_train.build_model(config["scale"], config["method"], config["image_size"],
+                                   null_class=config.get("cfg_dropout", 0) > 0)
     weights = "ema" if ckpt["step"] >= config["ema_eval_start"] else "model"  # what its final evaluation sampled
     net.load_state_dict(ckpt[weights])
     labels = proxy.balanced_labels(num_samples)
@@ -611,9 +750,19 @@ def main(argv=None) -> None:
     k.add_argument("--published-noise", type=float, default=0.0,
                    help="differences of published values up to this are unresolved (e.g. 0.35, FID's sampling noise)")
     k.add_argument("--write", default=None, help="also write the table (.md) and the numbers (.json) under this prefix")
-    v = sub.add_parser("curves", help="training loss and every evaluation metric against the step, one PNG")
+    v = sub.add_parser("curves", help="training loss and every evaluation metric against the step, one PNG "
+                                      "(and, where runs were guided, the metrics against the scale, a second)")
     common(v, "runs/proxy")
-    v.add_argument("--write", default=None, help="the PNG (default: OUT_DIR/curves.png)")
+    v.add_argument("--write", default=None, help="the PNG (default: OUT_DIR/curves.png; the guidance one beside it, "
+                                                 "named NAME-guidance.png)")
+    g = sub.add_parser("guidance", help="classifier-free guidance: the metric per scale, each seed's best scale and "
+                                        "its gain over scale 1, and the methods compared on both")
+    common(g, "runs/proxy")
+    g.add_argument("--metric", default=None,
+                   help=f"one of the guidance curves' metrics ({', '.join(GUIDANCE_METRICS)}; default: proxy_fd for "
+                        "digits runs, else fid)")
+    g.add_argument("--write-prefix", default=None, help="also write PREFIX.md (the table) and PREFIX.png (the curves)")
+    g.add_argument("--confidence", type=float, default=0.95, help="level of the paired intervals")
     r = sub.add_parser("rescore", help="score finished digits runs again on more samples (RUN/rescore-N.json)")
     common(r, "runs/proxy", "only runs of these methods (default: all)")
     r.add_argument("--samples", type=int, required=True, help="class-balanced samples per run (a multiple of 10)")
@@ -632,6 +781,8 @@ def run_command(args) -> None:
     if not runs:
         raise ReportError(f"no finished runs (*/results.json) under {args.out_dir}")
     runs, notes = select(runs, args)
+    if not 0 < getattr(args, "confidence", 0.95) < 1:
+        raise ReportError(f"--confidence {args.confidence}: give a level between 0 and 1, e.g. 0.95")
     if args.command == "scales":
         table = panel_tables(runs, args.methods, args.scales) if args.panel else \
             scales_table(runs, args.methods, args.scales, args.metric)
@@ -663,7 +814,31 @@ def run_command(args) -> None:
     if args.command == "curves":
         path = Path(args.write or Path(args.out_dir) / "curves.png")
         panels = curves_plot(runs, path)
-        print(f"written: {path} ({', '.join(panels)})" + "".join(f"\n{n}" for n in notes))
+        beside = path.with_name(f"{path.stem}-guidance{path.suffix}")
+        guided = guidance_plot(runs, beside)
+        print(f"written: {path} ({', '.join(panels)})" + (f"\nwritten: {beside} ({', '.join(guided)})" if guided else "")
+              + "".join(f"\n{n}" for n in notes))
+        return
+    if args.command == "guidance":
+        guided = [r for r in runs if r.get("guidance")]
+        if not guided:
+            raise ReportError(f"no run under {args.out_dir} has a guidance curve (custom_train.py --guidance W1,W2,...)"
+                              + (f" for seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
+        if len(guided) < len(runs):
+            notes.append(f"left out: {len(runs) - len(guided)} run(s) without a guidance curve (scale 1 only)")
+        guided, recipe_notes = keep_main_recipe(guided)
+        notes += recipe_notes
+        metric = args.metric or ("proxy_fd" if all(r.get("dataset") == "digits" for r in guided) else "fid")
+        present = [m for m in GUIDANCE_METRICS if any(guidance_curve(r, m) for r in guided)]
+        if metric not in present:
+            raise ReportError(f"--metric {metric}: the guidance curves under {args.out_dir} have "
+                              f"{', '.join(present) or 'no metric'}")
+        table = guidance_table(guided, metric, args.methods, args.confidence) + "".join(f"{n}\n" for n in notes)
+        print(table, end="")
+        if args.write_prefix:
+            Path(f"{args.write_prefix}.md").write_text(table)
+            guidance_plot(guided, Path(f"{args.write_prefix}.png"), [metric])
+            print(f"written: {args.write_prefix}.md, {args.write_prefix}.png")
         return
     if getattr(args, "rescored", None):
         runs = with_rescored(runs, args.rescored)
@@ -684,8 +859,6 @@ def run_command(args) -> None:
             Path(args.write).with_suffix(".json").write_text(json.dumps(analysis, indent=2) + "\n")
         return
     confidence = args.confidence
-    if not 0 < confidence < 1:
-        raise ReportError(f"--confidence {confidence}: give a level between 0 and 1, e.g. 0.95")
     rows = proxy_comparison(runs, args.methods, confidence, references=args.references)
     if not rows:
         raise ReportError(f"no digits proxy results under {args.out_dir}"

@@ -245,7 +245,7 @@ def indexed_images(n, size=4):
 
 
 def batch_args(batch_size, seed=7, hflip=True, image_size=4):
-    return SimpleNamespace(seed=seed, batch_size=batch_size, hflip=hflip, image_size=image_size, channels_last=False)
+    return SimpleNamespace(seed=seed, batch_size=batch_size, hflip=hflip, image_size=image_size, channels_last=False, cfg_dropout=0.0)
 
 
 def take(batches, step):
