@@ -1490,11 +1490,12 @@ def log_point(run: Run, meter: Meter, pbar, stop_requested: bool = False) -> boo
 def dry_run(args, config: dict, run_dir: Path) -> dict:
     """What the run would be: the resolved options, the deviations and what happens to the run directory."""
     try:
-        action, _ = plan_run(args, config, run_dir)
+        action, _ = ("evaluate", None) if args.evaluate is not None else plan_run(args, config, run_dir)
         action = {"new": "start a new run" + (" (deleting what is there: --overwrite)" if args.overwrite and run_dir.exists()
                                               else ""),
                   "resume": "resume its checkpoint", "extend": f"train the finished run on to {args.steps} steps",
-                  "done": "nothing: it finished with these options and code"}[action]
+                  "done": "nothing: it finished with these options and code",
+                  "evaluate": "score its checkpoint again into a new evaluation-DATE.json"}[action]
     except HarnessError as e:
         action = f"refuse: {e}"
     shown = {k: v for k, v in config.items() if k != "method_source"}
@@ -1712,7 +1713,7 @@ def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
     missing = [name for name in ("config.json", "checkpoint.pt") if not (run_dir / name).is_file()]
     if missing:
         raise HarnessError(f"--evaluate {run_dir}: not a run directory with its checkpoint (no {' or '.join(missing)})")
-    refused = sorted(args.given - set(EVALUATE_OPTIONS) - {"evaluate"})
+    refused = sorted(args.given - set(EVALUATE_OPTIONS) - {"evaluate", "dry_run"})
     if refused:
         raise HarnessError(f"--evaluate uses the run's own training options (from {run_dir / 'config.json'}); "
                            f"{', '.join('--' + n.replace('_', '-') for n in refused)} cannot be changed (it may change: "
@@ -1814,7 +1815,7 @@ def main(argv=None) -> dict | None:
     resolve_defaults(args)
     if args.dry_run:
         return dry_run(args, run_config(args, int(os.environ.get("WORLD_SIZE", "1"))),
-                       Path(args.out_dir) / args.run_name)
+                       Path(args.evaluate or Path(args.out_dir) / args.run_name))
     rank, world = init_distributed(args)
     try:
         result = train(args, rank, world) if recorded is None else rescore(args, recorded, rank, world)

@@ -628,8 +628,8 @@ def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = No
     lines += ["", f"best w: the scale with the best {metric} in each seed's curve, seeds in increasing order (ties: "
               f"the scale asked first; for the run's primary metric, its best_guidance). gain: {metric} at the best w "
               f"minus at w=1, over the seeds whose curve has w=1. Pairs: A minus B paired by seed over the seeds both "
-              f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, \"better\": "
-              f"guidance helps A more; on the best w, \"higher\"/\"lower\": A's best scale is; -: fewer than 2 "
+              f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, "
+              f"\"better\": guidance helps A more; on the best w, \"higher\"/\"lower\": A's best scale is; -: fewer than 2 "
               f"seeds in common."]
     return "\n".join(lines) + "\n"
 
@@ -816,8 +816,8 @@ def run_command(args) -> None:
         panels = curves_plot(runs, path)
         beside = path.with_name(f"{path.stem}-guidance{path.suffix}")
         guided = guidance_plot(runs, beside)
-        print(f"written: {path} ({', '.join(panels)})" + (f"\nwritten: {beside} ({', '.join(guided)})" if guided else "")
-              + "".join(f"\n{n}" for n in notes))
+        print(f"written: {path} ({', '.join(panels)})"
+              + (f"\nwritten: {beside} ({', '.join(guided)})" if guided else "") + "".join(f"\n{n}" for n in notes))
         return
     if args.command == "guidance":
         guided = [r for r in runs if r.get("guidance")]

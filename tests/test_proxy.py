@@ -305,3 +305,15 @@ def test_evaluate_refuses_training_options_and_missing_checkpoints(tmp_path, arg
     (run_dir / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(custom_train.HarnessError, match=message):
         custom_train.main(["--evaluate", str(run_dir), *argv])
+
+
+def test_evaluate_dry_run_says_what_it_would_do(tmp_path, capsys):
+    custom_train.main(["--preset", "demo", "--steps", "2", "--batch-size", "8", "--final-fid-samples", "0",
+                       "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--fid", "off",
+                       "--heldout-draws", "0", "--method", "adanorm"])
+    run_dir = tmp_path / "digits-tiny-adanorm-s42"
+    capsys.readouterr()
+    custom_train.main(["--evaluate", str(run_dir), "--final-fid-samples", "30", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"run directory: {run_dir}\nwould: score its checkpoint again into a new evaluation-DATE.json" in out
+    assert '"final_fid_samples": 30' in out and not list(run_dir.glob("evaluation-*"))
