@@ -131,3 +131,20 @@ def test_compiled_training_keeps_the_loss_trajectory_without_recompiling(tmp_pat
     losses = [[r["loss"] for r in map(json.loads, (tmp_path / d / "tiny-adanorm-s42/log.jsonl").read_text().splitlines())
                if "loss" in r] for d in ("eager", "compiled")]
     assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+
+
+def test_evaluate_under_torchrun_equals_one_process(tmp_path, cifar_dir):
+    """--evaluate spread over 2 gloo processes: rank 0 writes one dated file whose grid and held-out
+    numbers equal a single process's."""
+    custom_train.main(COMMON + ["--data-dir", str(cifar_dir), "--out-dir", str(tmp_path)])
+    run_dir = tmp_path / "tiny-adanorm-s42"
+    again = ["--evaluate", str(run_dir), "--data-dir", str(cifar_dir), "--heldout-draws", "1", "--label-draws", "1"]
+    one = custom_train.main(again)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "custom_train.py"), *again], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = {r["world_size"]: r for r in (json.loads(p.read_text()) for p in run_dir.glob("evaluation-*[0-9].json"))}
+    assert sorted(written) == [1, 2] and one["world_size"] == 1
+    two = written[2]
+    assert two["heldout_loss"] == pytest.approx(one["heldout_loss"], rel=1e-6) and two["label_acc"] == one["label_acc"]
+    assert (run_dir / two["grid"]).read_bytes() == (run_dir / one["grid"]).read_bytes()

@@ -13,7 +13,7 @@ import proxy
 from custom_train import HarnessError
 from test_train import assert_same_state, run
 
-MARGIN = 0.05  # set from the measurement
+MARGIN = 0.07  # half the gain measured once: class_acc 0.758 at guidance 1, 0.902 at 3 (docs/experiments.md)
 DIGITS = ["--preset", "demo", "--batch-size", "8", "--ddim-steps", "2", "--grid-per-class", "1", "--heldout-draws", "0"]
 
 
@@ -183,7 +183,7 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
 @pytest.mark.slow
 def test_guidance_raises_the_class_accuracy_of_the_digits_demo(tmp_path):
     """The demo recipe (concat-film, seed 42) trained with --cfg-dropout 0.1: at guidance 3 the samples'
-    class accuracy is clearly above guidance 1's (measured: see docs/experiments.md; the margin is loose)."""
+    class accuracy is clearly above guidance 1's (measured once: +0.144; the margin asks for half of it)."""
     results = custom_train.main(["--preset", "demo", "--method", "concat-film", "--cfg-dropout", "0.1",
                                  "--guidance", "1,3", "--out-dir", str(tmp_path)])
     acc = {e["guidance"]: e["class_acc"] for e in results["guidance"]}
