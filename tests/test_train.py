@@ -68,7 +68,7 @@ def test_end_to_end_run_writes_every_file(tmp_path, cifar_dir, stand_in_fid):
     assert "precision=fp32 (protocol: fp16)" in config["protocol_deviations"]
     # what made the run: every option, the method's code and its hash, the commit
     assert {name for name in custom_train.ALL_OPTIONS if name not in ("list_methods", "count_params", "dry_run",
-                                                                     "resume", "overwrite", "prefetch")} <= set(config)
+                                                                     "resume", "overwrite", "prefetch", "evaluate")} <= set(config)
     assert "class CrossAttentionLayer(nn.Module)" in config["method_source"]
     assert "def time_only(" in config["method_source"] and "def zero_module(" in config["method_source"]
     assert config["method_sha256"] == saved["method_sha256"] == custom_train.method_sha256("cross-attn")
