@@ -164,7 +164,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "save_samples": Option(None, "save the final evaluation's uint8 images and labels as samples.npz (default: "
                                "on for digits, off for cifar10)", kw=flag(action=argparse.BooleanOptionalAction)),
         "cache_dir": Option(str(Path.home() / ".cache" / "class-cond-ddpm"),
-                            "where the digits proxy classifier is cached (keyed by a hash of its recipe)"),
+                            "where the digits proxy classifier is cached (keyed by a hash of its recipe), and the CIFAR-10 "
+                           "panel's assets when no --fid-cache is given"),
     },
     "training (protocol values by default)": {
         "steps": Option(35_000, "optimizer steps", "train", SAME, kw=flag(type=int)),
@@ -222,15 +223,17 @@ OPTIONS: dict[str, dict[str, Option]] = {
                               kw=flag(type=int)),
         "final_fid_samples": Option(50_000, "samples of the independent final evaluation (gives fid); 0 skips it",
                                     "eval", SAME, kw=flag(type=int)),
-        "fid_cache": Option(None, "folder holding clean-fid's Inception weights and CIFAR-10 statistics (see "
-                            "--prefetch); runs given it never touch the network", kw=flag(type=Path)),
+        "fid_cache": Option(None, "folder holding clean-fid's Inception weights and CIFAR-10 statistics, and the panel's "
+                            "train features, per-class statistics and classifier (see --prefetch); runs given it never "
+                            "touch the network", kw=flag(type=Path)),
         "fid_resize": Option("pil", "pil: clean-fid's own per-image PIL resize (the protocol); torch: the same bicubic "
                              "as matrix products on the device, in batches (within 1e-3 of PIL, much faster on a "
                              "GPU; a protocol deviation)", "eval", SAME, kw=flag(choices=["pil", "torch"])),
         "panel": Option(True, "on CIFAR-10, the class-conditional panel from the FID's own features: KID, intra-FID, "
                         "precision and recall (k = 3) against the train set, class accuracy of samples by a ResNet-9 "
                         "trained once; its assets are made once into --fid-cache (else --cache-dir), by --prefetch "
-                        "too (digits runs always have their proxy's panel); --no-panel: FID alone", "eval",
+                        "too; --no-panel: FID alone (recorded as off unless --fid clean: digits runs always have "
+                        "their proxy's panel)", "eval",
                         legacy=False, kw=flag(action=argparse.BooleanOptionalAction)),
         "prefetch": Option(False, "download CIFAR-10 into --data-dir and the FID assets into --fid-cache, make the "
                            "panel's assets there (on --device; minutes on a GPU, unless --no-panel), then exit",
@@ -1084,6 +1087,7 @@ def resolve_defaults(args) -> None:
     args.precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     args.fid = args.fid or ("proxy" if digits else "clean")
     args.save_samples = digits if args.save_samples is None else args.save_samples
+    args.panel = args.panel and args.fid == "clean"  # (the digits proxy always has its own panel)
     for name, value in HELDOUT_DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1103,7 +1107,12 @@ def resolve_defaults(args) -> None:
         raise HarnessError("--fid clean compares with CIFAR-10 statistics; digits runs use --fid proxy (or off)")
     if args.fid != "off" and 0 < min(args.fid_samples or 2, args.final_fid_samples or 2) < 2:
         raise HarnessError("FID needs at least 2 samples (a covariance); raise --fid-samples/--final-fid-samples")
-    if args.guidance_samples is not None and args.guidance_samples < (2 if args.fid != "off" else 1):
+    unguided = [f"--{name.replace('_', '-')}" for name in ("guidance_interval", "guidance_samples")
+                if getattr(args, name) is not None and args.guidance == [1.0]]
+    if unguided:
+        raise HarnessError(f"{' and '.join(unguided)} only act with guidance: add --guidance with a scale other than 1, "
+                           f"or leave {' and '.join(unguided)} out")
+    if args.guidance_samples is not None and args.guidance_samples < 2:
         raise HarnessError(f"--guidance-samples must be at least 2 (a covariance), got {args.guidance_samples}")
     if any(w != 1 for w in args.guidance) and args.cfg_dropout == 0:
         raise HarnessError(f"--guidance {','.join(f'{w:g}' for w in args.guidance)} needs the null class of a model trained "
@@ -1351,9 +1360,10 @@ def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> 
     the name prefix of its grid and samples (rescoring), instead of grid_TAG.png and samples.npz.
 
     With guidance (--guidance other than 1) every scale is sampled from the same noise and labels and
-    scored, on --guidance-samples first when given; the best scale by the primary metric gives the
-    headline numbers (scored again on the full count if it was screened on fewer), "guidance" holds
-    the curve, and the grids show the best scale and 1."""
+    scored (on --guidance-samples each when given): "guidance" holds this curve. The best scale by the
+    primary metric is then sampled again on the full count from noise and labels of its own (tag
+    TAG-best), which give the headline numbers: a minimum over scales, reported on the samples that
+    chose it, would flatter it. The grids show the best scale and 1."""
     args, scales = run.args, list(run.args.guidance)
     grid_file, samples_file = (f"grid_{tag}.png", "samples.npz") if files is None else \
         (f"{files}-grid.png", f"{files}-samples.npz")
@@ -1364,34 +1374,30 @@ def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> 
     record = dict(step=run.step, eval=tag, weights="ema" if net is run.ema.module else "raw", grid=grid_file)
     best = None
     if args.fid != "off" and num_samples > 0:
-        labels = sample_labels(args, num_samples, tag)
-
-        def draw(w, n):  # the first n samples at scale w: the same initial noise and labels at every scale
-            return sample(net, labels[:n], tag=tag, guidance=w, desc=f"sampling {n}" + (
+        def draw(w, n, tag):  # n samples at scale w: the same initial noise and labels at every scale of a tag
+            labels = sample_labels(args, n, tag)
+            return labels, sample(net, labels, tag=tag, guidance=w, desc=f"sampling {n}" + (
                 f" at guidance {w:g}" if scales != [1.0] else ""), **kw)
         if scales == [1.0]:
-            images = draw(1.0, num_samples)
+            labels, images = draw(1.0, num_samples, tag)
             if run.is_main:
                 record.update(run.scorer(images, labels))
         else:
             screened = min(args.guidance_samples or num_samples, num_samples)
-            curve, images = [], None
+            curve = []
             for w in scales:
-                at_w = draw(w, screened)
+                labels, images = draw(w, screened, tag)
                 if run.is_main:
-                    curve.append(dict(guidance=w, **run.scorer(at_w, labels[:screened])))
-                    if curve[-1] is min(curve, key=lambda e: primary_value(e, run.scorer.primary)):
-                        best, images = w, at_w
+                    curve.append(dict(guidance=w, **run.scorer(images, labels)))
+            if run.is_main:
+                best = min(curve, key=lambda e: primary_value(e, run.scorer.primary))["guidance"]  # ties: first asked
             if run.world > 1:  # rank 0 scored: every rank samples the best scale again
                 box = [best]
                 dist.broadcast_object_list(box, src=0)
                 best = box[0]
-            if screened < num_samples:
-                images = draw(best, num_samples)
+            labels, images = draw(best, num_samples, f"{tag}-best")
             if run.is_main:
-                scores = run.scorer(images, labels) if screened < num_samples else \
-                    {k: v for k, v in curve[scales.index(best)].items() if k != "guidance"}
-                record.update(scores, best_guidance=best, guidance_samples=screened, guidance=curve)
+                record.update(run.scorer(images, labels), best_guidance=best, guidance_samples=screened, guidance=curve)
         if run.is_main and args.save_samples and tag == "final":
             atomic_write(run.run_dir / samples_file, lambda f: np.savez_compressed(
                 f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))
@@ -1427,6 +1433,8 @@ def assemble_results(run: Run, final: dict) -> dict:
     results = dict(scale=args.scale, method=args.method, dataset=args.dataset, seed=args.seed,
                    best_fid=None, best_fid_step=None, fid=None, fid_samples=None)
     results.update({f"best_{primary}": best.get(primary), f"best_{primary}_step": best.get("step")})
+    if best.get("best_guidance") is not None:  # the scale of that evaluation (the final one may pick another)
+        results[f"best_{primary}_guidance"] = best["best_guidance"]
     results.update({k: v for k, v in final.items() if k not in ("step", "eval", "weights", "grid")})
     c = run.config
     results.update(
@@ -1447,8 +1455,8 @@ def assemble_results(run: Run, final: dict) -> dict:
 
 def print_results(results: dict, run_dir: Path) -> None:
     print(f"\n{run_dir}")
-    for key in ("best_fid", "best_fid_step", "best_guidance", "fid", "kid", "intra_fid", "precision", "recall",
-                "proxy_fd", "class_acc",
+    for key in ("best_fid", "best_fid_step", "best_fid_guidance", "fid", "best_guidance", "kid", "intra_fid",
+                "precision", "recall", "proxy_fd", "class_acc",
                 "proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall", "heldout_loss", "label_acc", "params",
                 "steps", "images_per_s"):
         value = results.get(key)
@@ -1581,6 +1589,9 @@ def open_run_dir(run: Run, action: str) -> None:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         if action == "extend":  # the old result stays as history; the run is unfinished until the new one is written
             os.replace(run.run_dir / "results.json", run.run_dir / f"results-step{run.step:06d}.json")
+            for name in ("per_class.csv", "per_class.png"):
+                if (run.run_dir / name).exists():
+                    os.replace(run.run_dir / name, run.run_dir / name.replace(".", f"-step{run.step:06d}."))
         write_json(run.run_dir / "config.json", run.config)
         if action != "new" and log_path.exists():  # drop log lines written after the checkpoint we resume from
             kept = [l for l in log_path.read_text().splitlines() if json.loads(l)["step"] <= run.step]
@@ -1710,9 +1721,10 @@ def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
     made before it used), then the evaluation options given on the command line. Refused in one line when
     RUN_DIR holds no checkpoint, or when a training option is given."""
     run_dir = Path(args.evaluate)
-    missing = [name for name in ("config.json", "checkpoint.pt") if not (run_dir / name).is_file()]
+    missing = [name for name in ("config.json", "checkpoint.pt", "results.json") if not (run_dir / name).is_file()]
     if missing:
-        raise HarnessError(f"--evaluate {run_dir}: not a run directory with its checkpoint (no {' or '.join(missing)})")
+        raise HarnessError(f"--evaluate {run_dir}: not a finished run directory with its checkpoint (no "
+                           f"{' or '.join(missing)}; finish it with --resume first)")
     refused = sorted(args.given - set(EVALUATE_OPTIONS) - {"evaluate", "dry_run"})
     if refused:
         raise HarnessError(f"--evaluate uses the run's own training options (from {run_dir / 'config.json'}); "
@@ -1742,8 +1754,16 @@ def rescore(args, recorded: dict, rank: int, world: int) -> dict | None:
     config = run_config(args, world)
     run, _ = build_run(args, rank, world, config, run_dir)
     saved = load_checkpoint(run_dir / "checkpoint.pt")
-    run.model.load_state_dict(saved["model"])
-    run.ema.module.load_state_dict(saved["ema"])
+    finished = json.loads((run_dir / "results.json").read_text())["steps"]
+    if saved["step"] != finished:
+        raise HarnessError(f"--evaluate {run_dir}: its checkpoint is at step {saved['step']}, its results.json at step "
+                           f"{finished} (an extension was interrupted?); finish it with --resume first")
+    try:
+        run.model.load_state_dict(saved["model"])
+        run.ema.module.load_state_dict(saved["ema"])
+    except RuntimeError as e:
+        raise HarnessError(f"--evaluate {run_dir}: its checkpoint does not fit the model its options build "
+                           f"({str(e).splitlines()[0]})") from e
     run.step = saved["step"]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = next(f"evaluation-{stamp}" + (f"-{i}" if i else "") for i in range(1000)

@@ -154,11 +154,14 @@ class AssetError(Exception):
 
 
 @contextlib.contextmanager
-def machine_lock(what: str):
-    """Hold an exclusive lock on this machine while fetching or making `what`: parallel runs
-    (run_all_scales.sh --gpus) and torchrun ranks that all find an asset missing make it once; the
-    others wait, then find it in place."""
-    with open(Path(tempfile.gettempdir()) / f"class-cond-ddpm-{what}-{os.getuid()}.lock", "w") as lock:
+def machine_lock(what: str, folder: Path | None = None):
+    """Hold an exclusive lock while fetching or making `what`: parallel runs (run_all_scales.sh --gpus)
+    and torchrun ranks that all find an asset missing make it once; the others wait, then find it in
+    place. The lock file lives in `folder` when given (the assets' own folder, which SLURM tasks on
+    several nodes may share: Linux's flock then locks across NFS clients), else in this machine's /tmp."""
+    where = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / f".class-cond-ddpm-{what}-{os.getuid()}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -269,7 +272,7 @@ def fingerprint(*parts) -> str:
                 h.update(name.encode())
                 part = tensor.detach().cpu().contiguous()
                 h.update(str((part.dtype, tuple(part.shape))).encode())
-                h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+                h.update(part.reshape(-1).view(torch.uint8).numpy().tobytes() if part.numel() else b"")
         elif isinstance(part, np.ndarray):
             part = np.ascontiguousarray(part)
             h.update(str((part.dtype.str, part.shape)).encode())
@@ -319,16 +322,20 @@ def load_or_make_reference(folder: Path, images: np.ndarray, labels: np.ndarray,
     """The cached reference in `folder`, made (once, atomically, under a lock) when missing; refused in
     one line when it was made from other data, another extractor or other code."""
     path, made_by = Path(folder) / REFERENCE_FILE, reference_made_by(images, labels, extractor)
-    with machine_lock("panel-reference"):
+    with machine_lock("panel-reference", folder):
         if not path.exists():
             ref = make_reference(images, labels, extractor, device)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
             np.savez(tmp, made_by=made_by, **ref)
             os.replace(tmp, path)
-    with np.load(path) as saved:
-        check_made_by(path, str(saved["made_by"]), made_by, "it is made on first use, or by --prefetch")
-        return {k: saved[k] for k in ("features", "labels", "mu", "sigma")}
+    try:
+        with np.load(path) as saved:
+            recorded, ref = str(saved["made_by"]), {k: saved[k] for k in ("features", "labels", "mu", "sigma")}
+    except Exception as e:
+        raise AssetError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to remake it") from e
+    check_made_by(path, recorded, made_by, "it is made on first use, or by --prefetch")
+    return ref
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,6 +422,15 @@ def train_classifier(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarra
     """Train the recipe on `train` (uint8 images, labels) on the device (bf16 autocast on CUDA); return it
     and its accuracy on `test` (with flip test-time augmentation). Deterministic on the CPU."""
     device = torch.device(device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)  # (a run's --deterministic: max pooling's CUDA backward has no such kernel)
+    try:
+        return _train_classifier(train, test, device, recipe)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train_classifier(train, test, device, recipe):
     g = torch.Generator(device=device).manual_seed(recipe["seed"])
     torch.manual_seed(recipe["seed"])
     model = CifarClassifier(recipe["widths"]).to(device)
@@ -449,7 +465,7 @@ def train_classifier(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarra
 
 def classifier_made_by(train, test, recipe: dict) -> str:
     return fingerprint("cifar10 classifier", recipe, train[0], train[1], test[0], test[1],
-                       *(inspect.getsource(f) for f in (CifarClassifier, Residual, conv_bn, augment, train_classifier)))
+                       *(inspect.getsource(f) for f in (CifarClassifier, Residual, conv_bn, augment, _train_classifier)))
 
 
 def load_or_train_classifier(folder: Path, train, test, device, recipe: dict | None = None) -> tuple[CifarClassifier, float]:
@@ -458,7 +474,7 @@ def load_or_train_classifier(folder: Path, train, test, device, recipe: dict | N
     The recipe: CLASSIFIER_RECIPE unless given."""
     recipe = recipe or CLASSIFIER_RECIPE
     path, made_by = Path(folder) / CLASSIFIER_FILE, classifier_made_by(train, test, recipe)
-    with machine_lock("panel-classifier"):
+    with machine_lock("panel-classifier", folder):
         if not path.exists():
             model, accuracy = train_classifier(train, test, device, recipe)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,11 +482,17 @@ def load_or_train_classifier(folder: Path, train, test, device, recipe: dict | N
             torch.save(dict(state_dict=model.state_dict(), test_accuracy=accuracy, recipe=recipe, made_by=made_by,
                             clean_fid=version("clean-fid"), torch=str(torch.__version__)), tmp)
             os.replace(tmp, path)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    check_made_by(path, saved["made_by"], made_by, "it is trained on first use, or by --prefetch")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        recorded = saved["made_by"]
+    except Exception as e:
+        raise AssetError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"delete it to retrain it") from e
+    check_made_by(path, recorded, made_by, "it is trained on first use, or by --prefetch")
     if saved["test_accuracy"] < CLASSIFIER_FLOOR:
         raise AssetError(f"the CIFAR-10 classifier {path} reaches only {saved['test_accuracy']:.3f} test accuracy (floor "
-                         f"{CLASSIFIER_FLOOR}); class accuracy of samples would not be trustworthy (pass --no-panel)")
+                         f"{CLASSIFIER_FLOOR}); class accuracy of samples would not be trustworthy (delete it to "
+                         f"retrain it, or pass --no-panel)")
     model = CifarClassifier(recipe["widths"])
     model.load_state_dict(saved["state_dict"])
     return model.to(device).eval(), float(saved["test_accuracy"])
@@ -532,8 +554,9 @@ class CleanFID:
         if self.reference is not None:
             ref = self.reference
             predictions = self.classifier.predict(images).numpy()
-            p = panel(feats, labels.numpy(), ref["features"], ref["labels"], predictions, device=self.device,
-                      ref_stats=(ref["mu"], ref["sigma"]))
+            with true_fp32():  # (precision and recall's distances: no TF32 whatever --tf32 set)
+                p = panel(feats, labels.numpy(), ref["features"], ref["labels"], predictions, device=self.device,
+                          ref_stats=(ref["mu"], ref["sigma"]))
             out.update(kid=p["kid"], intra_fid=p["intra_fd"], precision=p["precision"], recall=p["recall"],
                        class_acc=float((predictions == labels.numpy()).mean()),
                        classifier_accuracy=self.classifier_accuracy,

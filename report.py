@@ -149,9 +149,12 @@ def format_cell(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})"
 
 
-def best_scale(r: dict) -> float:
-    """The guidance scale a run's headline numbers come from: 1 for a run without guidance."""
-    return 1.0 if r.get("best_guidance") is None else r["best_guidance"]
+def best_scale(r: dict, metric: str | None = None) -> float:
+    """The guidance scale a run's headline numbers come from (for best_fid, that of the evaluation it came
+    from): 1 for a run without guidance."""
+    w = r.get(f"{metric}_guidance", r.get("best_guidance")) if metric in ("best_fid", "best_proxy_fd") else \
+        r.get("best_guidance")
+    return 1.0 if w is None else w
 
 
 def scales_text(scales) -> str:
@@ -165,7 +168,7 @@ def guidance_suffix(runs: list[dict], metric: str) -> str:
                    key=lambda r: r.get("seed", 0))
     if not any(r.get("best_guidance") is not None for r in shown):
         return ""
-    return f" (w {scales_text(best_scale(r) for r in shown)})"
+    return f" (w {scales_text(best_scale(r, metric) for r in shown)})"
 
 
 def row_labels(runs: list[dict], methods: list[str] | None = None) -> list[str]:
@@ -596,16 +599,18 @@ def paired_cell(a: dict, b: dict, better: str, digits: int, confidence: float, w
 
 def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = None, confidence: float = 0.95) -> str:
     """Markdown: per method, the metric of the final evaluation at each guidance scale (mean ± std over seeds,
-    n), each seed's best scale by it and the gain there over scale 1; then every pair of methods on the gain
-    and on the best scale, paired by seed. Whether guidance helps a method more than another is a question
-    about the curves: the headline numbers are each at its own best scale, picked on the same samples."""
+    n), each seed's best scale (the run's best_guidance: the harness's pick by its primary metric, whatever
+    metric is shown) and the metric's gain there over scale 1; then every pair of methods on the gain and on
+    the best scale, paired by seed. Whether guidance helps a method more than another is a question about
+    the curves."""
     runs = label_versions([r for r in runs if r.get("guidance")])
     better, digits = BETTER[metric], DIGITS.get(metric, 3)
-    pick = min if better == "lower" else max  # ties: the scale asked first, as custom_train.py picks
     labels = row_labels(runs, methods)
-    curves = {lab: {r["seed"]: guidance_curve(r, metric) for r in sorted(runs, key=lambda r: r["seed"])
+    ordered = sorted(runs, key=lambda r: r["seed"])
+    curves = {lab: {r["seed"]: guidance_curve(r, metric) for r in ordered
                     if r["label"] == lab and guidance_curve(r, metric)} for lab in labels}  # seed -> curve
-    best = {lab: {s: pick(c, key=c.get) for s, c in per.items()} for lab, per in curves.items()}
+    best = {lab: {r["seed"]: best_scale(r) for r in ordered if r["seed"] in curves[lab] and r["label"] == lab}
+            for lab in labels}
     gain = {lab: {s: c[best[lab][s]] - c[1.0] for s, c in per.items() if 1.0 in c} for lab, per in curves.items()}
     scales = sorted({w for per in curves.values() for c in per.values() for w in c})
     samples = sorted({r["guidance_samples"] for r in runs if r.get("guidance_samples")})
@@ -625,8 +630,8 @@ def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = No
             for b in labels[i + 1:]:
                 lines.append(f"| {a} vs {b} | {paired_cell(gain[a], gain[b], better, digits, confidence)} | "
                              f"{paired_cell(best[a], best[b], 'higher', 2, confidence, ('higher', 'lower'))} |")
-    lines += ["", f"best w: the scale with the best {metric} in each seed's curve, seeds in increasing order (ties: "
-              f"the scale asked first; for the run's primary metric, its best_guidance). gain: {metric} at the best w "
+    lines += ["", f"best w: each run's best_guidance (the scale with the best primary metric, fid or proxy_fd, in its "
+              f"curve; ties: the scale asked first), seeds in increasing order. gain: {metric} at the best w "
               f"minus at w=1, over the seeds whose curve has w=1. Pairs: A minus B paired by seed over the seeds both "
               f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, "
               f"\"better\": guidance helps A more; on the best w, \"higher\"/\"lower\": A's best scale is; -: fewer than 2 "
@@ -657,6 +662,9 @@ def rescore(run_dir: Path, num_samples: int, cache_dir: Path, batch_size: int = 
             raise custom_train.HarnessError(f"{run_dir} is not a finished run with its checkpoint (no {needed}); "
                                             f"finish it with custom_train.py --resume first")
     config = json.loads((run_dir / "config.json").read_text())
+    if any(w != 1 for w in config.get("guidance", [1.0])):
+        raise custom_train.HarnessError(f"{run_dir} was evaluated with guidance; rescore samples without it: score it "
+                                        f"with `python custom_train.py --evaluate {run_dir} --final-fid-samples N`")
     if config["dataset"] != "digits":
         raise custom_train.HarnessError(f"{run_dir} is a {config['dataset']} run; rescore scores digits runs only")
     today = current_sha256(config["method"])

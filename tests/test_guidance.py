@@ -10,6 +10,7 @@ import torch
 
 import custom_train
 import proxy
+import report
 from custom_train import HarnessError
 from test_train import assert_same_state, run
 
@@ -125,6 +126,7 @@ def test_the_interval_guides_exactly_the_asked_timesteps(guided_model, monkeypat
     (["--guidance", "0"], "--guidance 0 needs the null class"),
     (["--cfg-dropout", "1"], "--cfg-dropout must be in"),
     (["--cfg-dropout", "0.1", "--guidance", "1,3", "--guidance-samples", "1"], "--guidance-samples must be at least 2"),
+    (["--cfg-dropout", "0.1", "--guidance-interval", "100,800"], "--guidance-interval only act with guidance"),
 ])
 def test_guidance_without_the_null_class_and_bad_values_are_refused(tmp_path, argv, message):
     with pytest.raises(HarnessError, match=message) as e:
@@ -145,9 +147,10 @@ def metrics(tmp_path_factory):
 
 
 def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidance(tmp_path, monkeypatch, metrics):
-    """Every scale scored on --guidance-samples from the same noise and labels, the best (lowest proxy_fd)
-    scored again on the full count as the headline; grids at the best scale and at 1; --evaluate with
-    --guidance reproduces the curve; a run trained without dropout cannot be swept."""
+    """Every scale scored on --guidance-samples from the same noise and labels; the best (lowest proxy_fd)
+    sampled again on the full count from noise of its own ("final-best") for the headline; grids at the
+    best scale and at 1; --evaluate with --guidance reproduces the curve and the headline; report.py
+    rescore (unguided) refuses the run; a run trained without dropout cannot be swept."""
     monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     out = str(tmp_path)
@@ -161,18 +164,25 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
     best = min(curve, key=lambda e: e["proxy_fd"])["guidance"]
     assert saved["best_guidance"] == best and saved["guidance_samples"] == 20 and saved["proxy_samples"] == 30
     assert "guidance=[1.0, 2.5] (protocol: [1.0])" in saved["protocol_deviations"]
-    # the headline: the best scale's 30 samples (saved), whose first 20 are the screened ones
+    # the headline: 30 samples of the best scale (saved), drawn by hand from the checkpoint's EMA with the tag
+    # "final-best", so that the numbers that chose the scale are not the ones reported
     samples = np.load(run_dir / "samples.npz")
     images = torch.from_numpy(samples["images"]).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(samples["labels"])
     assert saved["proxy_fd"] == pytest.approx(metrics(images, labels)["proxy_fd"], rel=1e-9)
-    assert metrics(images[:20], labels[:20])["proxy_fd"] == pytest.approx(
-        next(e for e in curve if e["guidance"] == best)["proxy_fd"], rel=1e-9)
+    net = custom_train.build_model("tiny", "adanorm", 16, null_class=True)
+    net.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["ema"])
+    by_hand = custom_train.sample(net, proxy.balanced_labels(30), seed=42, tag="final-best", batch_size=500,
+                                  ddim_steps=2, image_size=16, amp_dtype=None, device=torch.device("cpu"), guidance=best)
+    assert torch.equal(by_hand, images) and torch.equal(labels, proxy.balanced_labels(30))
     assert set(saved["evals"][-1]["grids"]) == {f"{best:g}", "1"} and (run_dir / "grid_final.png").is_file()
     assert all((run_dir / name).is_file() for name in saved["evals"][-1]["grids"].values())
 
     again = custom_train.main(["--evaluate", str(run_dir), "--guidance", "1,2.5", "--guidance-samples", "20"])
     assert json.loads(json.dumps(again["guidance"])) == curve and again["best_guidance"] == best
+    assert again["proxy_fd"] == saved["proxy_fd"] and again["proxy_samples"] == 30
+    with pytest.raises(HarnessError, match="was evaluated with guidance; rescore samples without it"):
+        report.rescore(run_dir, 20, tmp_path / "cache")
 
     custom_train.main(DIGITS + ["--steps", "2", "--method", "adanorm", "--out-dir", out, "--run-name", "plain",
                                 "--final-fid-samples", "20"])

@@ -111,3 +111,16 @@ def test_a_cifar10_run_reports_the_panel_with_fid_unchanged_and_evaluate_reprodu
     more = custom_train.main(["--evaluate", str(run_dir), "--data-dir", str(cifar_dir), "--final-fid-samples", "40",
                               "--no-panel"])
     assert more["fid_samples"] == 40 and "kid" not in more and more["fid"] != saved["fid"]
+
+
+def test_the_fingerprint_reads_every_tensor_of_a_network_even_scalar_buffers():
+    """A BatchNorm keeps a 0-d counter (num_batches_tracked); the fingerprint reads it, and any change of a
+    weight or buffer changes the fingerprint."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    first = evaluation.fingerprint(net)
+    assert evaluation.fingerprint(net) == first
+    net[1].num_batches_tracked += 1
+    second = evaluation.fingerprint(net)
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1e-6
+    assert len({first, second, evaluation.fingerprint(net)}) == 3

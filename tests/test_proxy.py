@@ -273,6 +273,7 @@ def test_evaluate_reproduces_a_digits_runs_final_numbers_then_scores_more(tmp_pa
                        "--heldout-draws", "2", "--label-draws", "1"])
     run_dir = tmp_path / "digits-tiny-adanorm-s42"
     own, results_bytes = json.loads((run_dir / "results.json").read_text()), (run_dir / "results.json").read_bytes()
+    assert own["config"]["panel"] is False  # (the CIFAR-10 panel's option: off for digits, as before it existed)
     assert (run_dir / "per_class.csv").read_text().splitlines()[0] == "class,name,intra_fd,class_acc"
     assert (run_dir / "per_class.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -299,9 +300,10 @@ def test_evaluate_reproduces_a_digits_runs_final_numbers_then_scores_more(tmp_pa
 def test_evaluate_refuses_training_options_and_missing_checkpoints(tmp_path, argv, message):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with pytest.raises(custom_train.HarnessError, match="not a run directory with its checkpoint"):
+    with pytest.raises(custom_train.HarnessError, match="not a finished run directory with its checkpoint"):
         custom_train.main(["--evaluate", str(run_dir)])
-    (run_dir / "config.json").write_text("{}")
+    for name in ("config.json", "results.json"):
+        (run_dir / name).write_text("{}")
     (run_dir / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(custom_train.HarnessError, match=message):
         custom_train.main(["--evaluate", str(run_dir), *argv])

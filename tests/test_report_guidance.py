@@ -95,11 +95,14 @@ def test_guidance_table_of_a_higher_is_better_metric_and_methods_in_order(digits
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("class_acc (higher is better) of each run's final evaluation")
     assert [line.split(" | ")[0] for line in lines[4:6]] == ["| cross-attn", "| concat-film"]
+    # the best scale is each run's best_guidance (by proxy_fd: 2, 2, 3), not class_acc's own maximum
     assert lines[5] == ("| concat-film | 0.912 ± 0.001 (n=3) | 0.917 ± 0.001 (n=3) | 0.922 ± 0.001 (n=3) "
-                        "| 0.932 ± 0.001 (n=3) | 3, 3, 3 | 0.020 ± 0.000 (n=3) |")  # best: the highest
-    # the same gain and best scale at every seed: a point, not an interval, and 0 is within noise
-    assert "| cross-attn vs concat-film | +0.000 [+0.000, +0.000] within noise (n=3) | " \
-           "+0.00 [+0.00, +0.00] within noise (n=3) |" in lines
+                        "| 0.932 ± 0.001 (n=3) | 2, 2, 3 | 0.013 ± 0.006 (n=3) |")
+    gains = stats.ttest_rel([0.005] * 3, [0.01, 0.01, 0.02]).confidence_interval(0.95)
+    scales = stats.ttest_rel([1.5] * 3, [2, 2, 3]).confidence_interval(0.95)
+    assert any(line.startswith(f"| cross-attn vs concat-film | -0.008 [{gains.low:+.3f}, {gains.high:+.3f}] within "
+                               f"noise (n=3) | -0.83 [{scales.low:+.2f}, {scales.high:+.2f}] within noise (n=3) |")
+               for line in lines)
     assert not any(line.startswith("left out") for line in lines)  # --seeds left seed 4's unguided run out
 
 
