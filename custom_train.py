@@ -241,8 +241,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "ddim_steps": Option(50, "DDIM sampling steps", "eval", SAME, kw=flag(type=int)),
         "guidance": Option([1.0], "classifier-free guidance scales W1,W2,...: each evaluation samples at every scale "
                            "with the same noise and labels, eps = eps_null + w (eps_cond - eps_null) from one batched "
-                           "forward; results hold every scale, the best (by fid or proxy_fd) gives the headline "
-                           "numbers; 1: no guidance (the protocol); other scales need --cfg-dropout > 0",
+                           "forward; results hold every scale (the curve), and the best (by fid or proxy_fd), sampled "
+                           "again from noise of its own, gives the headline numbers; 1: no guidance (the protocol); "
+                           "other scales need --cfg-dropout > 0",
                            "eval", SAME, legacy=[1.0], kw=flag(type=guidance_scales, metavar="W1,W2,...")),
         "guidance_interval": Option(None, "guide only at DDPM timesteps t with LO <= t <= HI (Kynkaanniemi et al. "
                                     "2024); the conditional prediction alone elsewhere (default: every step)", "eval",
