@@ -18,7 +18,6 @@ import ast
 import contextlib
 import copy
 import datetime
-import fcntl
 import hashlib
 import importlib.util
 import inspect
@@ -35,7 +34,6 @@ import sys
 import tempfile
 import textwrap
 import time
-import urllib.error
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -1444,14 +1442,19 @@ def assemble_results(run: Run, final: dict) -> dict:
         params=c["params"], budget=c["budget"], within_budget=c["within_budget"], steps=run.step,
         train_time_s=run.train_time, images_per_s=run.step * args.batch_size / max(run.train_time, 1e-9),
         protocol_deviations=c["protocol_deviations"], git_commit=c["git_commit"], git_dirty=c["git_dirty"],
-        versions=dict(torch=torch.__version__, diffusers=version("diffusers"), clean_fid=version("clean-fid"),
-                      python=platform.python_version()),
-        device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else cpu_name(),
-        cpu_threads=torch.get_num_threads(),  # the thread count changes CPU floating point (README, Reproducibility)
         peak_memory_gib=torch.cuda.max_memory_allocated(run.device) / 2 ** 30 if run.device.type == "cuda" else None,
-        config=c,
+        **made_on(run.device), config=c,
     )
     return results
+
+
+def made_on(device: torch.device) -> dict:
+    """What a number was made on: the device, the CPU threads (they change CPU floating point: README,
+    Reproducibility) and the library versions."""
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                cpu_threads=torch.get_num_threads(),
+                versions=dict(torch=torch.__version__, diffusers=version("diffusers"), clean_fid=version("clean-fid"),
+                              python=platform.python_version()))
 
 
 def print_results(results: dict, run_dir: Path) -> None:
@@ -1775,10 +1778,7 @@ def rescore(args, recorded: dict, rank: int, world: int) -> dict | None:
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in EVALUATE_OPTIONS}
     result = dict(run_dir=str(run_dir), method=args.method, scale=args.scale, dataset=args.dataset, seed=args.seed,
                   **{k: v for k, v in record.items() if k != "eval"}, made_at=stamp, options=options,
-                  device=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else cpu_name(),
-                  cpu_threads=torch.get_num_threads(), world_size=world, git_commit=config["git_commit"],
-                  git_dirty=config["git_dirty"], versions=dict(torch=torch.__version__, diffusers=version("diffusers"),
-                                                               clean_fid=version("clean-fid")))
+                  world_size=world, git_commit=config["git_commit"], git_dirty=config["git_dirty"], **made_on(run.device))
     if result.get("per_class"):
         evaluation.write_per_class(result["per_class"], run.class_names, run_dir / f"{name}-per_class.csv",
                                    run_dir / f"{name}-per_class.png", f"{run_dir.name}, step {run.step}")
@@ -1817,8 +1817,7 @@ def main(argv=None) -> dict | None:
         return None
     get_method(args.method)
     if args.count_params:
-        params, budget = params_and_budget(args.scale, args.method, null_class=args.cfg_dropout > 0)
-        result = dict(scale=args.scale, method=args.method, params=params, budget=budget, within_budget=params <= budget)
+        result = dict(scale=args.scale, method=args.method, **parameter_count(args))
         print(json.dumps(result))
         return result
     if args.prefetch:

@@ -92,16 +92,11 @@ def intra_fd(feats: np.ndarray, labels: np.ndarray, ref_feats: np.ndarray | None
     from scipy.linalg import LinAlgWarning
 
     ref_mu, ref_sigma = ref_stats if ref_stats is not None else class_statistics(ref_feats, ref_labels, num_classes)
-    per_class = []
+    mu, sigma = class_statistics(feats, labels, num_classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LinAlgWarning)
-        for c in range(num_classes):
-            mine = feats[labels == c]
-            if len(mine) < 2 or np.isnan(ref_mu[c]).any():
-                per_class.append(None)
-                continue
-            per_class.append(float(frechet_distance(np.mean(mine, axis=0), np.cov(mine, rowvar=False),
-                                                    ref_mu[c], ref_sigma[c])))
+        per_class = [None if np.isnan(mu[c]).any() or np.isnan(ref_mu[c]).any()
+                     else float(frechet_distance(mu[c], sigma[c], ref_mu[c], ref_sigma[c])) for c in range(num_classes)]
     return (None if None in per_class else float(np.mean(per_class))), per_class
 
 
