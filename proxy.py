@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluation import feature_distance, panel
+from evaluation import feature_distance, machine_lock, panel
 
 DIGITS_SIZE = 16
 SPLIT = dict(test_size=0.2, random_state=0)  # stratified by class
@@ -109,19 +109,20 @@ def recipe_hash(recipe: dict) -> str:
 
 
 def load_classifier(cache_dir: Path, recipe: dict = CLASSIFIER_RECIPE) -> tuple[DigitClassifier, float]:
-    """The cached classifier for this recipe, trained (and cached atomically) on first use."""
+    """The cached classifier for this recipe, trained (and cached atomically, under a lock) on first use:
+    parallel runs of a sweep (--jobs, torchrun ranks) that all find it missing train it once; the others
+    wait, then load it."""
     path = Path(cache_dir) / f"digit_classifier_{recipe_hash(recipe)}.pt"
-    if path.exists():
-        saved = torch.load(path, weights_only=True)
-        model = DigitClassifier(recipe["feature_dim"])
-        model.load_state_dict(saved["state_dict"])
-        return model.eval(), float(saved["accuracy"])
-    model, accuracy = train_classifier(recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict(), "accuracy": accuracy, "recipe": recipe}, tmp)
-    os.replace(tmp, path)
-    return model, accuracy
+    with machine_lock("digits-classifier", cache_dir):
+        if not path.exists():
+            model, accuracy = train_classifier(recipe)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            torch.save({"state_dict": model.state_dict(), "accuracy": accuracy, "recipe": recipe}, tmp)
+            os.replace(tmp, path)
+    saved = torch.load(path, weights_only=True)
+    model = DigitClassifier(recipe["feature_dim"])
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), float(saved["accuracy"])
 
 
 def balanced_labels(n: int) -> torch.Tensor:

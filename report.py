@@ -543,11 +543,18 @@ def curves_plot(runs: list[dict], path: Path, metrics=CURVE_METRICS) -> list[str
         if panel in ("loss", "heldout_loss"):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    save_panels(fig, axes, path)
+    return panels
+
+
+def save_panels(fig, axes, path: Path) -> None:
+    """The legend (the methods) once, on the first panel; the figure written and closed."""
+    import matplotlib.pyplot as plt
+
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return panels
 
 
 def guidance_curve(r: dict, metric: str) -> dict[float, float]:
@@ -579,10 +586,7 @@ def guidance_plot(runs: list[dict], path: Path, metrics=GUIDANCE_METRICS) -> lis
         ax.set_title(f"{panel} ({BETTER[panel]} is better)")
         ax.set_xlabel("guidance scale")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, path)
     return panels
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny CIFAR-10 in the real on-disk format, and a stand-in for clean-fid's Inception."""
 import copy
+import json
 import os
 import pickle
 import struct
@@ -62,6 +63,42 @@ def write_tiny_cifar10(data_dir: Path, per_batch: int = 20, seed: int = 0) -> tu
         py2_dump({b"label_names": [n.encode() for n in CLASS_NAMES], b"num_cases_per_batch": per_batch,
                      b"num_vis": 3072}, f)
     return np.concatenate(all_images), np.concatenate(all_labels)
+
+
+def fake_run(out_dir: Path, name: str, evals=(), **fields) -> None:
+    """A finished run as report.py reads it: results.json (with `evals`), and a log.jsonl of three training
+    losses (for `curves`)."""
+    d = out_dir / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(dict(fields, evals=list(evals))))
+    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every line matplotlib draws from here on, as (axes, x, y, keyword arguments), still drawn for real."""
+    import matplotlib.axes
+
+    lines, real_plot = [], matplotlib.axes.Axes.plot
+
+    def recording(ax, x, y, *args, **kwargs):
+        lines.append((ax, list(x), list(y), kwargs))
+        return real_plot(ax, x, y, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def digits_metrics(tmp_path_factory):
+    """The digits proxy's metrics with their classifier cached in one folder shared by this run's xdist
+    workers (the classifier is trained under a lock: by the first worker that needs it, once)."""
+    import proxy
+
+    root = tmp_path_factory.getbasetemp()
+    cache_dir = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "digits-classifier"
+    metrics = proxy.ProxyMetrics(cache_dir)
+    metrics.cache_dir = cache_dir
+    return metrics
 
 
 @pytest.fixture

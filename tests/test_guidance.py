@@ -141,9 +141,9 @@ def test_malformed_guidance_scales_are_argparse_errors(value, capsys):
     assert e.value.code == 2 and "--guidance" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def metrics(tmp_path_factory):
-    return proxy.ProxyMetrics(tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def metrics(digits_metrics):
+    return digits_metrics
 
 
 def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidance(tmp_path, monkeypatch, metrics):
@@ -154,9 +154,9 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
     monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     out = str(tmp_path)
-    results = custom_train.main(DIGITS + ["--steps", "4", "--method", "adanorm", "--cfg-dropout", "0.5", "--guidance",
-                                          "1,2.5", "--guidance-samples", "20", "--final-fid-samples", "30",
-                                          "--out-dir", out, "--save-samples"])
+    custom_train.main(DIGITS + ["--steps", "4", "--method", "adanorm", "--cfg-dropout", "0.5", "--guidance", "1,2.5",
+                                "--guidance-samples", "20", "--final-fid-samples", "30", "--out-dir", out,
+                                "--save-samples"])
     run_dir = tmp_path / "digits-tiny-adanorm-s42"
     saved = json.loads((run_dir / "results.json").read_text())
     curve = saved["guidance"]

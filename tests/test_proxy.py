@@ -1,10 +1,11 @@
 """The digits proxy: the split, the classifier's floor and cache, the metrics against hand-checked
 values, a digits run end to end, and the seed aggregation of the comparison."""
 import json
-import math
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -41,12 +42,9 @@ def test_split_is_fixed_stratified_and_upsampled():
     assert not any(img.tobytes() in train_set for img in held[:, 0])
 
 
-@pytest.fixture(scope="module")
-def metrics(tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("cache")
-    m = proxy.ProxyMetrics(cache_dir)
-    m.cache_dir = cache_dir
-    return m
+@pytest.fixture
+def metrics(digits_metrics):
+    return digits_metrics
 
 
 def test_classifier_clears_the_floor_and_is_cached(metrics, tmp_path, monkeypatch):
@@ -56,6 +54,22 @@ def test_classifier_clears_the_floor_and_is_cached(metrics, tmp_path, monkeypatc
     model, accuracy = proxy.load_classifier(metrics.cache_dir)
     assert accuracy == metrics.accuracy
     assert proxy.recipe_hash(dict(proxy.CLASSIFIER_RECIPE, epochs=29)) != proxy.recipe_hash(proxy.CLASSIFIER_RECIPE)
+
+
+def test_runs_that_find_the_classifier_missing_together_train_it_once(tmp_path, monkeypatch):
+    """A sweep's parallel runs (or torchrun's ranks) start together on an empty cache: one trains, under the
+    lock, while the others wait, then load what it saved."""
+    trained = []
+
+    def slow_training(recipe):
+        trained.append(recipe)
+        time.sleep(0.3)  # long enough that the others arrive while it trains
+        return proxy.DigitClassifier(recipe["feature_dim"]).eval(), 0.5
+
+    monkeypatch.setattr(proxy, "train_classifier", slow_training)
+    with ThreadPoolExecutor(3) as pool:
+        accuracies = list(pool.map(lambda _: proxy.load_classifier(tmp_path)[1], range(3)))
+    assert len(trained) == 1 and accuracies == [0.5] * 3
 
 
 def test_weak_classifier_is_refused(tmp_path):

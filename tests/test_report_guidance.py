@@ -1,13 +1,12 @@
 """report.py and classifier-free guidance: `guidance` (the metric per scale, each seed's best scale, its gain over
 scale 1, the methods compared on both, paired by seed), the guidance figure beside `curves`, and the best scale
 named in `proxy` and `scales` wherever a run's numbers were picked among scales."""
-import json
 
-import matplotlib.axes
 import pytest
 from scipy import stats
 
 import report
+from conftest import fake_run
 
 SCALES = (1.0, 1.5, 2.0, 3.0)
 # method -> proxy_fd of the final evaluation at SCALES, per seed 1, 2, 3 (lower is better)
@@ -16,14 +15,6 @@ PROXY_FD = {
     "cross-attn": [(20, 19, 19.5, 21), (22, 20, 21, 23), (21, 20.5, 20.5, 22)],  # best 1.5 each (a tie: the first)
     "adanorm": [(20, 15, 13, 12), (22, 19, 18, 18.5), (21, 16, 14.5, 15)],   # best 3, 2, 2; gain -8, -4, -6.5
 }
-
-
-def fake(out_dir, name, evals=(), **fields):
-    """A finished run: results.json, and a log.jsonl of three training losses (for `curves`)."""
-    d = out_dir / name
-    d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(dict(fields, evals=list(evals))))
-    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
 
 
 def class_acc(w, seed):
@@ -36,7 +27,7 @@ def guided_digits(out_dir, method, seed, fds):
     best = min(curve, key=lambda e: e["proxy_fd"])  # first minimum in the asked order, as custom_train.py picks
     headline = {k: v for k, v in best.items() if k != "guidance"}
     final = dict(step=2, **headline, best_guidance=best["guidance"], guidance=curve)
-    fake(out_dir, f"digits-{method}-s{seed}", method=method, seed=seed, scale="tiny", dataset="digits",
+    fake_run(out_dir, f"digits-{method}-s{seed}", method=method, seed=seed, scale="tiny", dataset="digits",
          best_guidance=best["guidance"], guidance_samples=500, guidance=curve, **headline,
          evals=[dict(step=1, proxy_fd=40.0, class_acc=0.5), final])
 
@@ -48,7 +39,7 @@ def digits_runs(tmp_path):
     for method, per_seed in PROXY_FD.items():
         for seed, fds in enumerate(per_seed, start=1):
             guided_digits(out, method, seed, fds)
-    fake(out, "digits-concat-film-s4", method="concat-film", seed=4, scale="tiny", dataset="digits", proxy_fd=21.0,
+    fake_run(out, "digits-concat-film-s4", method="concat-film", seed=4, scale="tiny", dataset="digits", proxy_fd=21.0,
          class_acc=0.9, evals=[dict(step=2, proxy_fd=21.0, class_acc=0.9)])
     return out
 
@@ -130,7 +121,7 @@ def test_proxy_names_each_seeds_best_guidance_only_where_runs_were_guided(digits
     assert md[4].startswith("| cross-attn | 3 | 1.5, 1.5, 1.5 | 19.833 ± 0.764 | ")
     plain = tmp_path / "plain"
     for seed, fd in ((1, 10.0), (2, 12.0)):
-        fake(plain, f"s{seed}", method="concat-film", seed=seed, proxy_fd=fd, class_acc=0.9)
+        fake_run(plain, f"s{seed}", method="concat-film", seed=seed, proxy_fd=fd, class_acc=0.9)
     report.main(["proxy", "--out-dir", str(plain)])
     text = (plain / "comparison.md").read_text()
     assert "guidance" not in text and text.splitlines()[2].startswith("| concat-film | 2 | 11.000 ± 1.414 | ")
@@ -141,7 +132,7 @@ def test_scales_cells_name_the_runs_best_guidance(tmp_path, capsys):
         guided = {} if best is None else dict(
             best_guidance=best, guidance_samples=1000,
             guidance=[dict(guidance=w, fid=fid + abs(w - best), kid=0.01, fid_samples=1000) for w in (1.0, best)])
-        fake(tmp_path, name, method=method, scale=scale, seed=seed, dataset="cifar10", best_fid=fid, fid=fid,
+        fake_run(tmp_path, name, method=method, scale=scale, seed=seed, dataset="cifar10", best_fid=fid, fid=fid,
              **dict(dict(protocol_deviations=[], within_budget=True), **guided, **fields))
     cifar("a1", "adanorm", "small", 1, 20.0, best=2.0)
     cifar("a2", "adanorm", "small", 2, 22.0, best=1.5)
@@ -161,14 +152,7 @@ def test_scales_cells_name_the_runs_best_guidance(tmp_path, capsys):
     assert "left out: 1 run(s) of another recipe (steps=100 (protocol: 35000))" in out
 
 
-def test_curves_write_the_guidance_figure_beside_the_first(digits_runs, tmp_path, monkeypatch, capsys):
-    drawn = []
-    real_plot = matplotlib.axes.Axes.plot
-
-    def recording(ax, x, y, *args, **kwargs):
-        drawn.append((ax, list(x), list(y), kwargs))
-        return real_plot(ax, x, y, *args, **kwargs)
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+def test_curves_write_the_guidance_figure_beside_the_first(digits_runs, tmp_path, drawn, capsys):
     report.main(["curves", "--out-dir", str(digits_runs)])
     beside = digits_runs / "curves-guidance.png"
     assert capsys.readouterr().out.splitlines() == [
@@ -186,7 +170,7 @@ def test_curves_write_the_guidance_figure_beside_the_first(digits_runs, tmp_path
     thin = [(x, y) for ax, x, y, kw in drawn if ax.get_title().startswith("proxy_fd") and kw.get("lw") == 0.6]
     assert len(thin) == 9 and (list(SCALES), list(PROXY_FD["cross-attn"][2])) in thin  # every seed, thin
     plain = tmp_path / "plain"
-    fake(plain, "s1", method="adanorm", seed=1, evals=[dict(step=2, proxy_fd=3.0)])
+    fake_run(plain, "s1", method="adanorm", seed=1, evals=[dict(step=2, proxy_fd=3.0)])
     report.main(["curves", "--out-dir", str(plain)])
     assert capsys.readouterr().out.strip() == f"written: {plain / 'curves.png'} (loss, proxy_fd)"
     assert not (plain / "curves-guidance.png").exists()

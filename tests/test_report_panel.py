@@ -1,21 +1,12 @@
 """report.py and the CIFAR class-conditional panel: `scales --metric kid` (and the others), `scales --panel`,
 and the panel's curves; runs made before the panel existed show "-" where they lack it."""
-import json
 
-import matplotlib.axes
 import pytest
 
 import report
+from conftest import fake_run
 
 HEADS = ["small", "medium", "large"]
-
-
-def fake(out_dir, name, evals=None, **fields):
-    """A finished run: results.json, and a log.jsonl of three training losses."""
-    d = out_dir / name
-    d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(dict(fields, evals=evals or [])))
-    (d / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)))
 
 
 def heading(caption):
@@ -26,13 +17,13 @@ def heading(caption):
 def cifar_runs(tmp_path):
     """adanorm: two seeds at small with the panel, one at medium; cross-attn: an older run without it."""
     base = dict(protocol_deviations=[], within_budget=True)
-    fake(tmp_path, "small-adanorm-s1", method="adanorm", scale="small", seed=1, best_fid=20.0, fid=21.0, kid=0.0100,
+    fake_run(tmp_path, "small-adanorm-s1", method="adanorm", scale="small", seed=1, best_fid=20.0, fid=21.0, kid=0.0100,
          intra_fid=40.0, precision=0.60, recall=0.50, **base)
-    fake(tmp_path, "small-adanorm-s2", method="adanorm", scale="small", seed=2, best_fid=22.0, fid=23.0, kid=0.0120,
+    fake_run(tmp_path, "small-adanorm-s2", method="adanorm", scale="small", seed=2, best_fid=22.0, fid=23.0, kid=0.0120,
          intra_fid=44.0, precision=0.64, recall=0.40, **base)
-    fake(tmp_path, "medium-adanorm-s1", method="adanorm", scale="medium", seed=1, best_fid=12.0, fid=12.5,
+    fake_run(tmp_path, "medium-adanorm-s1", method="adanorm", scale="medium", seed=1, best_fid=12.0, fid=12.5,
          kid=0.0050, intra_fid=30.0, precision=0.70, recall=0.55, **base)
-    fake(tmp_path, "small-cross-attn-s1", method="cross-attn", scale="small", seed=1, best_fid=19.0, fid=19.5, **base)
+    fake_run(tmp_path, "small-cross-attn-s1", method="cross-attn", scale="small", seed=1, best_fid=19.0, fid=19.5, **base)
     return tmp_path
 
 
@@ -68,7 +59,7 @@ def test_scales_panel_writes_one_table_per_metric_some_run_has(cifar_runs, capsy
 
 
 def test_scales_panel_refuses_runs_without_it_and_metric_with_panel(tmp_path, capsys):
-    fake(tmp_path, "digits", method="adanorm", scale="small", seed=1, proxy_fd=3.0)
+    fake_run(tmp_path, "digits", method="adanorm", scale="small", seed=1, proxy_fd=3.0)
     with pytest.raises(SystemExit) as e:
         report.main(["scales", "--out-dir", str(tmp_path), "--panel"])
     assert e.value.code == 1
@@ -79,23 +70,16 @@ def test_scales_panel_refuses_runs_without_it_and_metric_with_panel(tmp_path, ca
     assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-def test_curves_draw_the_panel_where_evaluations_have_it(tmp_path, monkeypatch):
+def test_curves_draw_the_panel_where_evaluations_have_it(tmp_path, drawn):
     """Two seeds with the panel at steps 1 and 2 (the final evaluation repeats step 2 and is not drawn twice),
     and an older run with FID only: kid, intra_fid, precision, recall panels appear, with the seeds' mean bold."""
     def panel(step, seed):
         return dict(step=step, fid=30.0 / step, kid=0.01 * seed / step, intra_fid=50.0 / step + seed,
                     precision=0.1 * step + 0.01 * seed, recall=0.2 * step, class_acc=0.3 * step)
     for seed in (1, 2):
-        fake(tmp_path, f"s{seed}", method="adanorm", seed=seed,
+        fake_run(tmp_path, f"s{seed}", method="adanorm", seed=seed,
              evals=[panel(1, seed), panel(2, seed), dict(panel(2, seed), kid=99.0)])
-    fake(tmp_path, "old", method="cross-attn", seed=1, evals=[dict(step=2, fid=25.0)])
-    drawn = []
-    real_plot = matplotlib.axes.Axes.plot
-
-    def recording(ax, x, y, *args, **kwargs):
-        drawn.append((ax, list(x), list(y), kwargs))
-        return real_plot(ax, x, y, *args, **kwargs)
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", recording)
+    fake_run(tmp_path, "old", method="cross-attn", seed=1, evals=[dict(step=2, fid=25.0)])
     path = tmp_path / "curves.png"
     panels = report.curves_plot(report.collect(tmp_path), path)
     assert panels == ["loss", "fid", "kid", "intra_fid", "precision", "recall", "class_acc"]
