@@ -67,6 +67,8 @@ def test_precision_and_recall_by_hand_and_for_a_subset():
     assert precision == 1.0 and recall < 1.0
     assert (precision, recall) == evaluation.precision_recall(ref, ref[:100], k=3, chunk=1000)
     assert evaluation.precision_recall(ref, ref) == (1.0, 1.0)  # the whole reference: both manifolds coincide
+    made_once = evaluation.manifold(ref, k=3)  # a fixed reference's manifold, made beforehand: the same answer
+    assert evaluation.precision_recall(ref, ref[:100], k=3, real_manifold=made_once) == (precision, recall)
 
 
 def test_the_panel_holds_every_metric_and_the_per_class_numbers():

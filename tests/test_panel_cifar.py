@@ -79,7 +79,9 @@ def test_the_classifier_recipe_learns_the_look_alike_data_in_seconds(tmp_path):
     assert torch.equal(cached.predict(images), model.predict(images))
 
 
-def test_a_cifar10_run_reports_the_panel_with_fid_unchanged_and_evaluate_reproduces_it(tmp_path, cifar_dir, stand_in_fid):
+def test_a_cifar10_run_reports_the_panel_with_fid_unchanged_and_evaluate_reproduces_it(tmp_path, cifar_dir, stand_in_fid,
+                                                                                      monkeypatch):
+    real_radii = evaluation._kth_neighbour_radii
     images, _, _ = custom_train.load_cifar10(cifar_dir)
     stand_in_fid.write_stats(images)
     common = ("--steps", 4, "--fid-samples", 0, "--final-fid-samples", 30, "--heldout-draws", 1, "--label-draws", 1)
@@ -101,6 +103,14 @@ def test_a_cifar10_run_reports_the_panel_with_fid_unchanged_and_evaluate_reprodu
     scorer = evaluation.CleanFID(torch.device("cpu"), panel=custom_train.panel_data(cifar_dir, None))
     by_hand = json.loads(json.dumps(custom_train.finite_or_none(scorer(images, torch.from_numpy(samples["labels"])))))
     assert {k: saved[k] for k in by_hand} == by_hand
+    # a second evaluation by the same scorer reuses the train features' manifold (their radii are not redone)
+    made = scorer.reference_manifold
+    radii = []
+    monkeypatch.setattr(evaluation, "_kth_neighbour_radii", lambda x, k, chunk: radii.append(len(x)) or real_radii(x, k, chunk))
+    second = scorer(images[:20], torch.from_numpy(samples["labels"][:20]))
+    assert scorer.reference_manifold is made and radii == [20]  # the samples' alone
+    fresh = evaluation.CleanFID(torch.device("cpu"), panel=custom_train.panel_data(cifar_dir, None))
+    assert fresh(images[:20], torch.from_numpy(samples["labels"][:20])) == second
     fid_alone = evaluation.CleanFID(torch.device("cpu"))(images, torch.from_numpy(samples["labels"]))
     assert fid_alone == dict(fid=saved["fid"], fid_samples=30)  # the FID is the protocol's, panel or not
 
