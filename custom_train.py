@@ -1023,13 +1023,23 @@ def plan_run(args, config: dict, run_dir: Path) -> tuple[str, dict | None]:
 # Command line: built from OPTIONS; defaults that depend on other options are filled, then checked.
 # --------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default at the end of its help, unless the help already says it (in words that a
+    bare "None" would only blur) or the option is a switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(preset: str | None, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The command line from OPTIONS (and a preset's defaults); with suppress_defaults, a parse yields only
     the options given on the command line."""
     p = argparse.ArgumentParser(
         description="Train and evaluate a class-conditional DDPM (diffusers UNet2DModel) on CIFAR-10 with a chosen "
                     "class-conditioning method. The defaults are the published protocol (docs/protocol.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="named defaults; explicit flags override them. " + "; ".join(
                        f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items())

@@ -2,6 +2,7 @@
 may be reused for (and what it may not), refusals, the non-finite guard, and the FID path through
 clean-fid's own code with a stand-in Inception."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -27,6 +28,14 @@ def strict_json_lines(path):
     def refuse(constant):
         raise ValueError(f"{path} holds {constant}, which is not JSON")
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def test_help_documents_every_option_and_says_each_default_once():
+    parser = custom_train.build_parser(None)
+    assert [a.option_strings for a in parser._actions if not a.help] == []
+    text = " ".join(parser.format_help().split())
+    assert re.search(r"\(default[^()]*\) \(default: ", text) is None  # not "(default: every step) (default: None)"
+    assert "--guidance-interval LO,HI guide only at DDPM timesteps" in text and "(default: every step)" in text
 
 
 def test_quantize_truncates_exactly_as_the_protocol():
