@@ -675,6 +675,13 @@ def ddim_scheduler(num_steps: int):
     return s
 
 
+def ddim_timesteps(num_steps: int) -> list[int]:
+    """The timesteps ddim_scheduler(num_steps) takes ("leading" spacing), without importing diffusers (the
+    option checks run before it)."""
+    ratio = TRAIN_TIMESTEPS // num_steps
+    return [k * ratio for k in reversed(range(num_steps))]
+
+
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the protocol: scale to [0, 255], clamp, truncate."""
     return ((x.float() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
@@ -1121,6 +1128,12 @@ def resolve_defaults(args) -> None:
     if unguided:
         raise HarnessError(f"{' and '.join(unguided)} only act with guidance: add --guidance with a scale other than 1, "
                            f"or leave {' and '.join(unguided)} out")
+    if args.guidance_interval is not None and not any(args.guidance_interval[0] <= t <= args.guidance_interval[1]
+                                                      for t in ddim_timesteps(args.ddim_steps)):
+        lo, hi = args.guidance_interval
+        raise HarnessError(f"--guidance-interval {lo},{hi} holds none of the {args.ddim_steps} DDIM timesteps "
+                           f"({', '.join(map(str, ddim_timesteps(args.ddim_steps)[:3]))}, ..., 0): no step would be "
+                           f"guided; widen it")
     if args.guidance_samples is not None and args.guidance_samples < 2:
         raise HarnessError(f"--guidance-samples must be at least 2 (a covariance), got {args.guidance_samples}")
     if any(w != 1 for w in args.guidance) and args.cfg_dropout == 0:
@@ -1732,8 +1745,9 @@ EVALUATE_OPTIONS = ("final_fid_samples", "sample_batch_size", "ddim_steps", "fid
 
 def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
     """The options of an --evaluate: the run's recorded ones (an option newer than the run: the value runs
-    made before it used), then the evaluation options given on the command line. Refused in one line when
-    RUN_DIR holds no checkpoint, or when a training option is given."""
+    made before it used), then the evaluation options given on the command line; with --guidance, a new sweep,
+    --guidance-interval and --guidance-samples are only those given with it. Refused in one line when RUN_DIR
+    holds no checkpoint, or when a training option is given."""
     run_dir = Path(args.evaluate)
     missing = [name for name in ("config.json", "checkpoint.pt", "results.json") if not (run_dir / name).is_file()]
     if missing:
@@ -1748,6 +1762,8 @@ def evaluation_args(args) -> tuple[argparse.Namespace, dict]:
     for name, o in ALL_OPTIONS.items():
         if name in args.given or name in ("evaluate", "dry_run"):
             continue
+        if name in ("guidance_interval", "guidance_samples") and "guidance" in args.given:
+            continue  # a new sweep: its interval and sample count are those given with it, not the recorded ones
         value = recorded.get(name, o.default if o.legacy is NO_LEGACY else o.legacy)
         setattr(args, name, Path(value) if o.kw.get("type") is Path and value is not None else value)
     if "device" not in args.given:

@@ -166,7 +166,7 @@ def guidance_suffix(runs: list[dict], metric: str) -> str:
     none of them was guided (tables of unguided runs stay as they were)."""
     shown = sorted((r for r in runs if r.get(metric) is not None and math.isfinite(r[metric])),
                    key=lambda r: r.get("seed", 0))
-    if not any(r.get("best_guidance") is not None for r in shown):
+    if not any(r.get("best_guidance", r.get(f"{metric}_guidance")) is not None for r in shown):
         return ""
     return f" (w {scales_text(best_scale(r, metric) for r in shown)})"
 
@@ -636,7 +636,9 @@ def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = No
                              f"{paired_cell(best[a], best[b], 'higher', 2, confidence, ('higher', 'lower'))} |")
     lines += ["", f"best w: each run's best_guidance (the scale with the best primary metric, fid or proxy_fd, in its "
               f"curve; ties: the scale asked first), seeds in increasing order. gain: {metric} at the best w "
-              f"minus at w=1, over the seeds whose curve has w=1. Pairs: A minus B paired by seed over the seeds both "
+              f"minus at w=1, over the seeds whose curve has w=1, both on the samples that chose the best w: on the "
+              f"primary metric it is never worse than 0 by construction, however flat the curve (the headline numbers "
+              f"come from new samples of the best w for that reason). Pairs: A minus B paired by seed over the seeds both "
               f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, "
               f"\"better\": guidance helps A more; on the best w, \"higher\"/\"lower\": A's best scale is; -: fewer than 2 "
               f"seeds in common."]

@@ -127,6 +127,8 @@ def test_the_interval_guides_exactly_the_asked_timesteps(guided_model, monkeypat
     (["--cfg-dropout", "1"], "--cfg-dropout must be in"),
     (["--cfg-dropout", "0.1", "--guidance", "1,3", "--guidance-samples", "1"], "--guidance-samples must be at least 2"),
     (["--cfg-dropout", "0.1", "--guidance-interval", "100,800"], "--guidance-interval only act with guidance"),
+    (["--cfg-dropout", "0.1", "--guidance", "1,2", "--guidance-interval", "1,19", "--ddim-steps", "50"],
+     r"--guidance-interval 1,19 holds none of the 50 DDIM timesteps \(980, 960, 940, \.\.\., 0\)"),
 ])
 def test_guidance_without_the_null_class_and_bad_values_are_refused(tmp_path, argv, message):
     with pytest.raises(HarnessError, match=message) as e:
@@ -155,8 +157,8 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
         "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     out = str(tmp_path)
     custom_train.main(DIGITS + ["--steps", "4", "--method", "adanorm", "--cfg-dropout", "0.5", "--guidance", "1,2.5",
-                                "--guidance-samples", "20", "--final-fid-samples", "30", "--out-dir", out,
-                                "--save-samples"])
+                                "--guidance-samples", "20", "--guidance-interval", "0,999", "--final-fid-samples", "30",
+                                "--out-dir", out, "--save-samples"])
     run_dir = tmp_path / "digits-tiny-adanorm-s42"
     saved = json.loads((run_dir / "results.json").read_text())
     curve = saved["guidance"]
@@ -181,6 +183,12 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
     again = custom_train.main(["--evaluate", str(run_dir), "--guidance", "1,2.5", "--guidance-samples", "20"])
     assert json.loads(json.dumps(again["guidance"])) == curve and again["best_guidance"] == best
     assert again["proxy_fd"] == saved["proxy_fd"] and again["proxy_samples"] == 30
+    # a sweep given to --evaluate has only the interval and sample count given with it: --guidance 1 is not refused
+    # for the recorded ones, and nothing recorded rides along with another sweep
+    for scales in ("1", "3"):
+        planned = custom_train.main(["--evaluate", str(run_dir), "--guidance", scales, "--dry-run"])
+        assert planned["action"].startswith("score its checkpoint again") and planned["config"]["guidance"] == [float(scales)]
+        assert planned["config"]["guidance_interval"] is None and planned["config"]["guidance_samples"] is None
     with pytest.raises(HarnessError, match="was evaluated with guidance; rescore samples without it"):
         report.rescore(run_dir, 20, tmp_path / "cache")
 

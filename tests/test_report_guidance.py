@@ -143,6 +143,11 @@ def test_scales_cells_name_the_runs_best_guidance(tmp_path, capsys):
     lines = report.scales_table(report.collect(tmp_path)).splitlines()
     assert lines[2:4] == ["| adanorm | 21.00 ± 1.41 (n=2) (w 2, 1.5) | 12.00 (n=1) | 30.00 (n=1) (w 4) * |",
                           "| cross-attn | 19.50 ± 0.71 (n=2) (w 1, 3) | - | - |"]
+    # a run whose best FID came from an evaluation before the end (its final one unscored): that evaluation's scale
+    midway = tmp_path / "midway"
+    fake_run(midway, "m1", method="adanorm", scale="small", seed=1, dataset="cifar10", best_fid=18.0,
+             best_fid_guidance=2.5, protocol_deviations=[], within_budget=True)
+    assert report.scales_table(report.collect(midway)).splitlines()[2] == "| adanorm | 18.00 (n=1) (w 2.5) | - | - |"
     report.main(["guidance", "--out-dir", str(tmp_path)])  # CIFAR runs: fid by default
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("fid (lower is better)") and out[0].endswith("each scale scored on 1000 samples")

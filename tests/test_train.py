@@ -47,6 +47,8 @@ def test_quantize_truncates_exactly_as_the_protocol():
 def test_ddim_is_the_protocol_sampler():
     s = custom_train.ddim_scheduler(50)
     assert s.timesteps.tolist() == list(range(980, -1, -20))
+    for n in (1, 2, 3, 7, 50, 999, 1000):  # the option checks' copy, made without diffusers
+        assert custom_train.ddim_timesteps(n) == custom_train.ddim_scheduler(n).timesteps.tolist(), n
     assert s.config.clip_sample and not s.config.set_alpha_to_one
     assert s.config.beta_schedule == "linear" and s.config.beta_start == 1e-4 and s.config.beta_end == 2e-2
 
