@@ -829,9 +829,13 @@ def run_command(args) -> None:
         path = Path(args.write or Path(args.out_dir) / "curves.png")
         panels = curves_plot(runs, path)
         beside = path.with_name(f"{path.stem}-guidance{path.suffix}")
-        guided = guidance_plot(runs, beside)
+        # one recipe in the guidance figure, as in `guidance`: the scales asked, their sample count and the
+        # label dropout all move the curves
+        guided_runs, guided_notes = keep_main_recipe([r for r in runs if r.get("guidance")])
+        guided = guidance_plot(guided_runs, beside)
         print(f"written: {path} ({', '.join(panels)})"
-              + (f"\nwritten: {beside} ({', '.join(guided)})" if guided else "") + "".join(f"\n{n}" for n in notes))
+              + (f"\nwritten: {beside} ({', '.join(guided)})" if guided else "")
+              + "".join(f"\n{n}" for n in notes + [f"guidance figure: {n}" for n in guided_notes]))
         return
     if args.command == "guidance":
         guided = [r for r in runs if r.get("guidance")]

@@ -180,3 +180,13 @@ def test_curves_write_the_guidance_figure_beside_the_first(digits_runs, tmp_path
     assert capsys.readouterr().out.strip() == f"written: {plain / 'curves.png'} (loss, proxy_fd)"
     assert not (plain / "curves-guidance.png").exists()
     assert report.guidance_plot(report.collect(plain), plain / "none.png") == []
+    # a guided run of another recipe joins the step curves but not the guidance figure's means
+    fake_run(digits_runs, "digits-concat-film-s9", method="concat-film", seed=9, scale="tiny", dataset="digits",
+             protocol_deviations=["guidance_samples=100"], best_guidance=1.0,
+             guidance=[dict(guidance=w, proxy_fd=500.0) for w in SCALES], evals=[dict(step=2, proxy_fd=500.0)])
+    drawn.clear()
+    report.main(["curves", "--out-dir", str(digits_runs)])
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "guidance figure: left out: 1 run(s) of another recipe (guidance_samples=100)"
+    means = {(ax.get_title(), kw["label"]): (x, y) for ax, x, y, kw in drawn if "label" in kw}
+    assert means[("proxy_fd (lower is better)", "concat-film (n=3)")][1] == pytest.approx([21.0, 17.0, 46 / 3, 47 / 3])
