@@ -615,7 +615,8 @@ def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = No
                     if r["label"] == lab and guidance_curve(r, metric)} for lab in labels}  # seed -> curve
     best = {lab: {r["seed"]: best_scale(r) for r in ordered if r["seed"] in curves[lab] and r["label"] == lab}
             for lab in labels}
-    gain = {lab: {s: c[best[lab][s]] - c[1.0] for s, c in per.items() if 1.0 in c} for lab, per in curves.items()}
+    gain = {lab: {s: c[best[lab][s]] - c[1.0] for s, c in per.items() if 1.0 in c and best[lab][s] in c}
+            for lab, per in curves.items()}  # (a metric undefined at a scale, e.g. intra-FD on few samples: no gain)
     scales = sorted({w for per in curves.values() for c in per.values() for w in c})
     samples = sorted({r["guidance_samples"] for r in runs if r.get("guidance_samples")})
     level = f"{100 * confidence:g}%"
@@ -636,7 +637,7 @@ def guidance_table(runs: list[dict], metric: str, methods: list[str] | None = No
                              f"{paired_cell(best[a], best[b], 'higher', 2, confidence, ('higher', 'lower'))} |")
     lines += ["", f"best w: each run's best_guidance (the scale with the best primary metric, fid or proxy_fd, in its "
               f"curve; ties: the scale asked first), seeds in increasing order. gain: {metric} at the best w "
-              f"minus at w=1, over the seeds whose curve has w=1, both on the samples that chose the best w: on the "
+              f"minus at w=1, over the seeds whose curve has both, both on the samples that chose the best w: on the "
               f"primary metric it is never worse than 0 by construction, however flat the curve (the headline numbers "
               f"come from new samples of the best w for that reason). Pairs: A minus B paired by seed over the seeds both "
               f"have, with the {level} paired-t interval; \"beyond noise\" when it excludes 0; on the gain, "

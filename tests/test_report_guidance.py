@@ -1,6 +1,7 @@
 """report.py and classifier-free guidance: `guidance` (the metric per scale, each seed's best scale, its gain over
 scale 1, the methods compared on both, paired by seed), the guidance figure beside `curves`, and the best scale
 named in `proxy` and `scales` wherever a run's numbers were picked among scales."""
+import json
 
 import pytest
 from scipy import stats
@@ -95,6 +96,19 @@ def test_guidance_table_of_a_higher_is_better_metric_and_methods_in_order(digits
                                f"noise (n=3) | -0.83 [{scales.low:+.2f}, {scales.high:+.2f}] within noise (n=3) |")
                for line in lines)
     assert not any(line.startswith("left out") for line in lines)  # --seeds left seed 4's unguided run out
+
+
+def test_the_gain_leaves_out_a_seed_whose_metric_is_undefined_at_its_best_scale(tmp_path, capsys):
+    for seed, fds in enumerate(PROXY_FD["adanorm"], start=1):  # best 3, 2, 2
+        guided_digits(tmp_path, "adanorm", seed, fds)
+    path = tmp_path / "digits-adanorm-s1" / "results.json"
+    r = json.loads(path.read_text())
+    r["guidance"][3]["proxy_kid"] = None  # (as the panel says where too few samples leave it undefined)
+    path.write_text(json.dumps(r))
+    report.main(["guidance", "--out-dir", str(tmp_path), "--metric", "proxy_kid"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| adanorm"))
+    gains = [1.8 - 2.2, 1.45 - 2.1]  # seeds 2 and 3: kid = fd / 10 at 2 minus at 1
+    assert row.endswith(f"| 3, 2, 2 | {report.format_cell(gains, report.DIGITS.get('proxy_kid', 3))} |")
 
 
 def test_guidance_refuses_an_unknown_metric_and_runs_without_guidance(digits_runs, tmp_path, capsys):

@@ -1,6 +1,5 @@
 """report.py and the CIFAR class-conditional panel: `scales --metric kid` (and the others), `scales --panel`,
 and the panel's curves; runs made before the panel existed show "-" where they lack it."""
-
 import pytest
 
 import report
