@@ -240,7 +240,8 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "guidance": Option([1.0], "classifier-free guidance scales W1,W2,...: each evaluation samples at every scale "
                            "with the same noise and labels, eps = eps_null + w (eps_cond - eps_null) from one batched "
                            "forward; results hold every scale (the curve), and the best (by fid or proxy_fd), sampled "
-                           "again from noise of its own, gives the headline numbers; 1: no guidance (the protocol); "
+                           "again from noise of its own, gives the headline numbers (a single scale: its own "
+                           "samples); 1: no guidance (the protocol); "
                            "other scales need --cfg-dropout > 0",
                            "eval", SAME, legacy=[1.0], kw=flag(type=guidance_scales, metavar="W1,W2,...")),
         "guidance_interval": Option(None, "guide only at DDPM timesteps t with LO <= t <= HI (Kynkaanniemi et al. "
@@ -1385,7 +1386,8 @@ def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> 
     scored (on --guidance-samples each when given): "guidance" holds this curve. The best scale by the
     primary metric is then sampled again on the full count from noise and labels of its own (tag
     TAG-best), which give the headline numbers: a minimum over scales, reported on the samples that
-    chose it, would flatter it. The grids show the best scale and 1."""
+    chose it, would flatter it. A single scale scored on the full count chose nothing: its samples are
+    the headline (one sampling, not two). The grids show the best scale and 1."""
     args, scales = run.args, list(run.args.guidance)
     grid_file, samples_file = (f"grid_{tag}.png", "samples.npz") if files is None else \
         (f"{files}-grid.png", f"{files}-samples.npz")
@@ -1406,20 +1408,25 @@ def evaluate(run: Run, tag: str, num_samples: int, files: str | None = None) -> 
                 record.update(run.scorer(images, labels))
         else:
             screened = min(args.guidance_samples or num_samples, num_samples)
+            single = len(scales) == 1 and screened == num_samples  # nothing to choose: its samples are the headline
             curve = []
             for w in scales:
                 labels, images = draw(w, screened, tag)
                 if run.is_main:
                     curve.append(dict(guidance=w, **run.scorer(images, labels)))
+            if single:
+                best = scales[0]
+            else:
+                if run.is_main:
+                    best = min(curve, key=lambda e: primary_value(e, run.scorer.primary))["guidance"]  # ties: first
+                if run.world > 1:  # rank 0 scored: every rank samples the best scale again
+                    box = [best]
+                    dist.broadcast_object_list(box, src=0)
+                    best = box[0]
+                labels, images = draw(best, num_samples, f"{tag}-best")
             if run.is_main:
-                best = min(curve, key=lambda e: primary_value(e, run.scorer.primary))["guidance"]  # ties: first asked
-            if run.world > 1:  # rank 0 scored: every rank samples the best scale again
-                box = [best]
-                dist.broadcast_object_list(box, src=0)
-                best = box[0]
-            labels, images = draw(best, num_samples, f"{tag}-best")
-            if run.is_main:
-                record.update(run.scorer(images, labels), best_guidance=best, guidance_samples=screened, guidance=curve)
+                headline = {k: v for k, v in curve[0].items() if k != "guidance"} if single else run.scorer(images, labels)
+                record.update(headline, best_guidance=best, guidance_samples=screened, guidance=curve)
         if run.is_main and args.save_samples and tag == "final":
             atomic_write(run.run_dir / samples_file, lambda f: np.savez_compressed(
                 f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy()))

@@ -198,6 +198,30 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
         custom_train.main(["--evaluate", str(tmp_path / "plain"), "--guidance", "1,2"])
 
 
+def test_a_single_scale_is_sampled_once_and_its_samples_are_the_headline(tmp_path, monkeypatch, metrics):
+    """One scale scored on the full count chooses nothing: no second sampling from other noise, and the
+    headline is the curve's one point, from the evaluation's own noise and labels ("final")."""
+    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
+        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
+    drawn, real_sample = [], custom_train.sample
+    monkeypatch.setattr(custom_train, "sample", lambda net, labels, **kw: drawn.append(
+        (kw["tag"], kw["guidance"], len(labels))) or real_sample(net, labels, **kw))
+    custom_train.main(DIGITS + ["--steps", "4", "--method", "adanorm", "--cfg-dropout", "0.5", "--guidance", "2",
+                                "--final-fid-samples", "30", "--out-dir", str(tmp_path), "--save-samples"])
+    assert [d for d in drawn if d[0] != "grid"] == [("final", 2.0, 30)]
+    run_dir = tmp_path / "digits-tiny-adanorm-s42"
+    saved = json.loads((run_dir / "results.json").read_text())
+    (point,) = saved["guidance"]
+    assert saved["best_guidance"] == 2.0 and saved["guidance_samples"] == 30 and saved["proxy_samples"] == 30
+    assert all(saved[k] == point[k] for k in ("proxy_fd", "class_acc", "proxy_kid", "per_class"))
+    net = custom_train.build_model("tiny", "adanorm", 16, null_class=True)
+    net.load_state_dict(torch.load(run_dir / "checkpoint.pt", weights_only=False)["ema"])
+    by_hand = real_sample(net, proxy.balanced_labels(30), seed=42, tag="final", batch_size=500, ddim_steps=2,
+                          image_size=16, amp_dtype=None, device=torch.device("cpu"), guidance=2.0)
+    saved_images = torch.from_numpy(np.load(run_dir / "samples.npz")["images"]).permute(0, 3, 1, 2)
+    assert torch.equal(by_hand, saved_images)
+
+
 @pytest.mark.slow
 def test_guidance_raises_the_class_accuracy_of_the_digits_demo(tmp_path):
     """The demo recipe (concat-film, seed 42) trained with --cfg-dropout 0.1: at guidance 3 the samples'
