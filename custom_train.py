@@ -1129,12 +1129,11 @@ def resolve_defaults(args) -> None:
     if unguided:
         raise HarnessError(f"{' and '.join(unguided)} only act with guidance: add --guidance with a scale other than 1, "
                            f"or leave {' and '.join(unguided)} out")
-    if args.guidance_interval is not None and not any(args.guidance_interval[0] <= t <= args.guidance_interval[1]
-                                                      for t in ddim_timesteps(args.ddim_steps)):
-        lo, hi = args.guidance_interval
-        raise HarnessError(f"--guidance-interval {lo},{hi} holds none of the {args.ddim_steps} DDIM timesteps "
-                           f"({', '.join(map(str, ddim_timesteps(args.ddim_steps)[:3]))}, ..., 0): no step would be "
-                           f"guided; widen it")
+    if args.guidance_interval is not None:
+        (lo, hi), timesteps = args.guidance_interval, ddim_timesteps(args.ddim_steps)
+        if not any(lo <= t <= hi for t in timesteps):
+            raise HarnessError(f"--guidance-interval {lo},{hi} holds none of the {args.ddim_steps} DDIM timesteps "
+                               f"({', '.join(map(str, timesteps[:3]))}, ..., 0): no step would be guided; widen it")
     if args.guidance_samples is not None and args.guidance_samples < 2:
         raise HarnessError(f"--guidance-samples must be at least 2 (a covariance), got {args.guidance_samples}")
     if any(w != 1 for w in args.guidance) and args.cfg_dropout == 0:

@@ -102,6 +102,14 @@ def digits_metrics(tmp_path_factory):
 
 
 @pytest.fixture
+def cached_proxy(monkeypatch, digits_metrics):
+    """custom_train's digits proxy made from the shared classifier and references (nothing trained or read)."""
+    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
+        "__init__": lambda self, cache_dir, device: self.__dict__.update(digits_metrics.__dict__)}))
+    return digits_metrics
+
+
+@pytest.fixture
 def cifar_dir(tmp_path):
     data_dir = tmp_path / "data"
     write_tiny_cifar10(data_dir)

@@ -148,13 +148,12 @@ def metrics(digits_metrics):
     return digits_metrics
 
 
-def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidance(tmp_path, monkeypatch, metrics):
+@pytest.mark.usefixtures("cached_proxy")
+def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidance(tmp_path, metrics):
     """Every scale scored on --guidance-samples from the same noise and labels; the best (lowest proxy_fd)
     sampled again on the full count from noise of its own ("final-best") for the headline; grids at the
     best scale and at 1; --evaluate with --guidance reproduces the curve and the headline; report.py
     rescore (unguided) refuses the run; a run trained without dropout cannot be swept."""
-    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
-        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     out = str(tmp_path)
     custom_train.main(DIGITS + ["--steps", "4", "--method", "adanorm", "--cfg-dropout", "0.5", "--guidance", "1,2.5",
                                 "--guidance-samples", "20", "--guidance-interval", "0,999", "--final-fid-samples", "30",
@@ -198,11 +197,10 @@ def test_a_guided_run_holds_every_scale_and_the_best_and_is_rescored_with_guidan
         custom_train.main(["--evaluate", str(tmp_path / "plain"), "--guidance", "1,2"])
 
 
+@pytest.mark.usefixtures("cached_proxy")
 def test_a_single_scale_is_sampled_once_and_its_samples_are_the_headline(tmp_path, monkeypatch, metrics):
     """One scale scored on the full count chooses nothing: no second sampling from other noise, and the
     headline is the curve's one point, from the evaluation's own noise and labels ("final")."""
-    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
-        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     drawn, real_sample = [], custom_train.sample
     monkeypatch.setattr(custom_train, "sample", lambda net, labels, **kw: drawn.append(
         (kw["tag"], kw["guidance"], len(labels))) or real_sample(net, labels, **kw))

@@ -105,9 +105,8 @@ def test_balanced_labels():
     assert np.bincount(proxy.balanced_labels(500).numpy()).tolist() == [50] * 10
 
 
-def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
-    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
-        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
+@pytest.mark.usefixtures("cached_proxy")
+def test_digits_run_end_to_end(tmp_path, metrics):
     results = custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
                                  "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path),
                                  "--method", "adanorm", "--heldout-draws", "2", "--label-draws", "1"])
@@ -129,10 +128,8 @@ def test_digits_run_end_to_end(tmp_path, monkeypatch, metrics):
 PANEL = ("proxy_kid", "proxy_intra_fd", "proxy_precision", "proxy_recall")
 
 
+@pytest.mark.usefixtures("cached_proxy")
 def test_rescore_reproduces_the_runs_own_evaluation_then_scores_new_samples(tmp_path, monkeypatch, metrics):
-    cached = type("Cached", (custom_train.DigitsProxy,), {
-        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)})
-    monkeypatch.setattr(custom_train, "DigitsProxy", cached)
     custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
                        "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "concat-film",
                        "--heldout-draws", "2", "--label-draws", "1"])
@@ -276,12 +273,11 @@ def test_rescore_refuses_weights_of_other_code(tmp_path):
         report.rescore(run_dir, 20, tmp_path / "cache")
 
 
-def test_evaluate_reproduces_a_digits_runs_final_numbers_then_scores_more(tmp_path, monkeypatch, metrics, capsys):
+@pytest.mark.usefixtures("cached_proxy")
+def test_evaluate_reproduces_a_digits_runs_final_numbers_then_scores_more(tmp_path, metrics, capsys):
     """custom_train.py --evaluate RUN_DIR: the run's own options and "final" samples give its final numbers
     exactly (panel, per-class and held-out metrics included), in a new dated file beside results.json; more
     samples go to another file, and neither results.json nor the first file is touched."""
-    monkeypatch.setattr(custom_train, "DigitsProxy", type("Cached", (custom_train.DigitsProxy,), {
-        "__init__": lambda self, cache_dir, device: self.__dict__.update(metrics.__dict__)}))
     custom_train.main(["--preset", "demo", "--steps", "3", "--batch-size", "8", "--final-fid-samples", "20",
                        "--ddim-steps", "2", "--grid-per-class", "1", "--out-dir", str(tmp_path), "--method", "adanorm",
                        "--heldout-draws", "2", "--label-draws", "1"])
